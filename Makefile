@@ -1,0 +1,29 @@
+# Each target bootstraps .venv on first use; re-running is a no-op while it is current.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: test demo bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[test,lint]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup tests
+
+demo: $(STAMP)
+	$(PY) -m clasp demo
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -p no:xdist -q -o python_files="bench_*.py"
+	$(PY) benchmarks/report.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

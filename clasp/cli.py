@@ -1,0 +1,58 @@
+"""The `clasp` command line. Each subcommand lives in its own module, which provides
+`add_arguments(parser)` and `main(args) -> int | None`; modules import lazily so
+`clasp --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def main_version(args: argparse.Namespace) -> int:
+    import torch
+
+    from clasp import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    print(f"clasp-triton {__version__}\ntorch {torch.__version__}\ntriton {triton_version}\n{cuda}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clasp",
+        description="CLASP pre-training of human-centric vision backbones with Triton kernels.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("version", help="print the versions of clasp, torch and triton").set_defaults(
+        handler=main_version
+    )
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(command)
+        command.set_defaults(handler=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.handler(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
