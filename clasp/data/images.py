@@ -1,0 +1,72 @@
+"""Reading person images robustly: any mode becomes RGB, EXIF rotation is applied, and a
+file that cannot be decoded raises `ImageReadError` with the reason instead of crashing later."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ImageReadError(Exception):
+    """An image file that exists but cannot be read as a picture."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def list_images(root: str, recursive: bool = True) -> list[str]:
+    """Sorted image paths under root (by extension, case-insensitive).
+
+    Raises FileNotFoundError / NotADirectoryError / ValueError naming the path when there is
+    nothing to read, so a wrong --images argument fails at once rather than after setup.
+    """
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"not a folder: {root}")
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        paths += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not recursive:
+            break
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    return sorted(paths)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float greyscale: scale the actual range to 8 bits.
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(array.min()), float(array.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        image = Image.fromarray(((array - lo) * scale).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite transparency on white instead of letting it turn black.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def read_rgb(path: str) -> Image.Image:
+    """Decode an image file into an upright 8-bit RGB PIL image, or raise ImageReadError."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = _to_rgb(image)
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise ImageReadError(path, f"{type(error).__name__}: {error}") from error
+    if rgb.width == 0 or rgb.height == 0:
+        raise ImageReadError(path, "image has zero size")
+    return rgb
