@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from clasp.kernels import l2_normalize, reference
 
 SHAPES = {"cuda": [(256, 196, 768), (256, 196, 512)], "cpu": [(16, 196, 768)]}
@@ -11,7 +10,9 @@ def cases():
     for shape in SHAPES[device]:
         for mode in ("fwd", "fwd+bwd"):
             for backend in ("triton", "eager", "compile"):
-                yield pytest.param(shape, mode, backend, id=f"{'x'.join(map(str, shape))}-{mode}-{backend}")
+                yield pytest.param(
+                    shape, mode, backend, id=f"{'x'.join(map(str, shape))}-{mode}-{backend}"
+                )
 
 
 @pytest.mark.parametrize("shape,mode,backend", list(cases()))
@@ -29,4 +30,12 @@ def test_l2_normalize(shape, mode, backend, device, measure):
         run, moved = (lambda: fn(x)), 2 * element_bytes
     else:
         run, moved = (lambda: torch.autograd.grad(fn(x), x, dy)), 5 * element_bytes
-    measure(run, op="l2_normalize", mode=mode, backend=backend, shape=dict(zip("BND", shape)), dtype=dtype, bytes=moved)
+    measure(
+        run,
+        op="l2_normalize",
+        mode=mode,
+        backend=backend,
+        shape=dict(zip("BND", shape, strict=True)),
+        dtype=dtype,
+        bytes=moved,
+    )

@@ -33,9 +33,18 @@ def measure(benchmark, device, peaks):
 
     def _measure(fn, *, op, mode, backend, shape, dtype, bytes=None, flops=None):
         if backend == "triton" and device.type != "cuda":
-            pytest.skip("Triton kernels are timed on CUDA only (the interpreter is no speed target)")
+            pytest.skip(
+                "Triton kernels are timed on CUDA only (the interpreter is no speed target)"
+            )
         seconds = run_benchmark(benchmark, fn, device)
-        entry = dict(op=op, mode=mode, backend=backend, shape=shape, dtype=str(dtype).removeprefix("torch."), median_ms=seconds * 1e3)
+        entry = dict(
+            op=op,
+            mode=mode,
+            backend=backend,
+            shape=shape,
+            dtype=str(dtype).removeprefix("torch."),
+            median_ms=seconds * 1e3,
+        )
         if bytes is not None:
             entry["tbps"] = bytes / seconds / 1e12
             entry["fraction_of_peak"] = entry["tbps"] / peaks.copy_tbps

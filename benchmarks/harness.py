@@ -47,7 +47,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn, device: torch.device, *, min_time: float = 0.2, max_reps: int = 200) -> float:
+def median_seconds(
+    fn, device: torch.device, *, min_time: float = 0.2, max_reps: int = 200
+) -> float:
     """Median wall time of fn() in seconds, with the device synchronised around each batch."""
     fn()
     synchronize(device)
@@ -119,7 +121,13 @@ def environment(device: torch.device, peaks: Peaks) -> dict:
 
 
 def result_key(entry: dict) -> tuple:
-    return (entry["op"], entry["mode"], entry["backend"], json.dumps(entry["shape"], sort_keys=True), entry["dtype"])
+    return (
+        entry["op"],
+        entry["mode"],
+        entry["backend"],
+        json.dumps(entry["shape"], sort_keys=True),
+        entry["dtype"],
+    )
 
 
 def write_results(device: torch.device, peaks: Peaks, entries: list[dict]) -> str:

@@ -15,7 +15,9 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*\.?[\d_]*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\.inf|\.nan)$", re.X),
+    re.compile(
+        r"^[-+]?(?:\d[\d_]*\.?[\d_]*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\.inf|\.nan)$", re.X
+    ),
     list("-+0123456789."),
 )
 
@@ -49,7 +51,7 @@ def parse_override(item: str) -> dict:
 
 
 def load_config(defaults: dict, path: str | None = None, overrides: list[str] = ()) -> dict:
-    """defaults <- YAML file at path <- overrides. Unknown keys in the file or overrides are errors."""
+    """defaults <- YAML file at path <- overrides; keys unknown to defaults are errors."""
     config = copy.deepcopy(defaults)
     layers = []
     if path is not None:
@@ -69,6 +71,8 @@ def _check_known(defaults: dict, layer: dict, source: str, prefix: str = "") -> 
     for key, value in layer.items():
         if key not in defaults:
             known = ", ".join(sorted(defaults))
-            raise KeyError(f"{source}: unknown config key {prefix}{key!r}; known keys here: {known}")
+            raise KeyError(
+                f"{source}: unknown config key {prefix}{key!r}; known keys here: {known}"
+            )
         if isinstance(value, dict) and isinstance(defaults[key], dict) and defaults[key]:
             _check_known(defaults[key], value, source, f"{prefix}{key}.")

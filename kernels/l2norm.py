@@ -20,8 +20,17 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 @triton.jit
 def _l2norm_fwd_kernel(
-    x_ptr, y_ptr, rnorm_ptr, n_rows, D, stride_x, stride_y, eps,
-    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    rnorm_ptr,
+    n_rows,
+    D,
+    stride_x,
+    stride_y,
+    eps,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -35,8 +44,19 @@ def _l2norm_fwd_kernel(
 
 @triton.jit
 def _l2norm_bwd_kernel(
-    dy_ptr, y_ptr, rnorm_ptr, dx_ptr, n_rows, D, stride_dy, stride_y, stride_dx, eps,
-    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    dy_ptr,
+    y_ptr,
+    rnorm_ptr,
+    dx_ptr,
+    n_rows,
+    D,
+    stride_dy,
+    stride_y,
+    stride_dx,
+    eps,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -88,7 +108,9 @@ def _(x, eps):
 
 
 @torch.library.custom_op("clasp::l2_normalize_bwd", mutates_args=())
-def _l2_normalize_bwd(dy: torch.Tensor, y: torch.Tensor, rnorm: torch.Tensor, eps: float) -> torch.Tensor:
+def _l2_normalize_bwd(
+    dy: torch.Tensor, y: torch.Tensor, rnorm: torch.Tensor, eps: float
+) -> torch.Tensor:
     D = y.shape[-1]
     dy2 = dy.reshape(-1, D)
     if dy2.stride(-1) != 1:

@@ -16,7 +16,8 @@ SESSION_SEED = int(os.environ.get("CLASP_TEST_SEED", random.SystemRandom().randr
 
 
 def pytest_report_header(config):
-    return f"clasp: CLASP_TEST_SEED={SESSION_SEED}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    interpret = os.environ.get("TRITON_INTERPRET", "0")
+    return f"clasp: CLASP_TEST_SEED={SESSION_SEED}, TRITON_INTERPRET={interpret}"
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +35,9 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+SHARED_DATA = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"
+)
 
 
 @pytest.fixture(scope="session")

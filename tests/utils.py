@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from clasp.kernels import poison_outputs
 from clasp.kernels.utils import poison_value
 
@@ -17,20 +16,41 @@ TOLERANCES = {
 }
 CUDA_FP32_TOLERANCE = (5e-4, 5e-4)
 
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+DTYPE_IDS = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+}
 
 
-def tolerance(dtype: torch.dtype, device: torch.device | str = "cpu", scale: float = 1.0) -> tuple[float, float]:
-    atol, rtol = CUDA_FP32_TOLERANCE if dtype == torch.float32 and torch.device(device).type == "cuda" else TOLERANCES[dtype]
+def tolerance(
+    dtype: torch.dtype, device: torch.device | str = "cpu", scale: float = 1.0
+) -> tuple[float, float]:
+    atol, rtol = (
+        CUDA_FP32_TOLERANCE
+        if dtype == torch.float32 and torch.device(device).type == "cuda"
+        else TOLERANCES[dtype]
+    )
     return atol * scale, rtol * scale
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, *, scale: float = 1.0, msg: str = "") -> None:
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    *,
+    scale: float = 1.0,
+    msg: str = "",
+) -> None:
     """Compare in fp64 with the tolerance of `dtype` (default: actual's dtype)."""
     dtype = dtype or actual.dtype
     atol, rtol = tolerance(dtype, actual.device, scale)
     torch.testing.assert_close(
-        actual.detach().double().cpu(), expected.detach().double().cpu(), atol=atol, rtol=rtol,
+        actual.detach().double().cpu(),
+        expected.detach().double().cpu(),
+        atol=atol,
+        rtol=rtol,
         msg=(lambda m: f"{msg}\n{m}") if msg else None,
     )
 
@@ -45,7 +65,9 @@ def assert_all_written(*tensors: torch.Tensor) -> None:
         else:
             unwritten = t == poison_value(t.dtype)
         n = int(unwritten.sum())
-        assert n == 0, f"output {i} (shape {tuple(t.shape)}): {n} of {t.numel()} elements never written"
+        assert n == 0, (
+            f"output {i} (shape {tuple(t.shape)}): {n} of {t.numel()} elements never written"
+        )
 
 
 def run_poisoned(fn, *args, **kwargs):
@@ -57,7 +79,14 @@ def run_poisoned(fn, *args, **kwargs):
     return out
 
 
-def randn(*shape, dtype=torch.float32, device="cpu", scale: float = 1.0, requires_grad: bool = False, non_contiguous: bool = False) -> torch.Tensor:
+def randn(
+    *shape,
+    dtype=torch.float32,
+    device="cpu",
+    scale: float = 1.0,
+    requires_grad: bool = False,
+    non_contiguous: bool = False,
+) -> torch.Tensor:
     """Fresh normal input; `non_contiguous` returns a strided view of a wider buffer."""
     if non_contiguous:
         wide = (torch.randn(*shape[:-1], 2 * shape[-1], device=device) * scale).to(dtype)

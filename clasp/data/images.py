@@ -33,7 +33,9 @@ def list_images(root: str, recursive: bool = True) -> list[str]:
     paths = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
-        paths += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
+        paths += [
+            os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
         if not recursive:
             break
     if not paths:

@@ -46,9 +46,21 @@ def load_prompts(path: str | None = None) -> Prompts:
     for group, values in attributes.items():
         if not isinstance(values, dict) or len(values) < 2:
             problems.append(f"attribute group {group!r} needs at least two values")
-    for name, prompts in [*parts.items(), *((f"{g}={v}", p) for g, vs in attributes.items() if isinstance(vs, dict) for v, p in vs.items())]:
+    for name, prompts in [
+        *parts.items(),
+        *(
+            (f"{g}={v}", p)
+            for g, vs in attributes.items()
+            if isinstance(vs, dict)
+            for v, p in vs.items()
+        ),
+    ]:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             problems.append(f"{name!r} needs a list of prompt strings")
     if problems:
         raise ValueError(f"invalid prompts file {path}: " + "; ".join(problems))
-    return Prompts(templates=list(templates), parts=dict(parts), attributes={g: dict(v) for g, v in attributes.items()})
+    return Prompts(
+        templates=list(templates),
+        parts=dict(parts),
+        attributes={g: dict(v) for g, v in attributes.items()},
+    )

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from clasp.kernels import l2_normalize, reference
+
 from tests.utils import DTYPE_IDS, as_reference_input, assert_close, randn, run_poisoned
 
 DTYPES = [pytest.param(d, id=DTYPE_IDS[d]) for d in (torch.float32, torch.bfloat16, torch.float16)]
@@ -17,7 +17,14 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("non_contiguous", [False, True], ids=["contiguous", "strided"])
 def test_l2_normalize_matches_reference(shape, dtype, non_contiguous, device):
-    x = randn(*shape, dtype=dtype, device=device, scale=3.0, requires_grad=True, non_contiguous=non_contiguous)
+    x = randn(
+        *shape,
+        dtype=dtype,
+        device=device,
+        scale=3.0,
+        requires_grad=True,
+        non_contiguous=non_contiguous,
+    )
     x_ref = as_reference_input(x)
     y = run_poisoned(l2_normalize, x, backend="triton")
     y_ref = reference.l2_normalize(x_ref)
@@ -63,5 +70,7 @@ def test_l2_normalize_rejects_bad_input():
 
 def test_l2_normalize_under_torch_compile_matches_eager(device):
     x = torch.randn(6, 40, device=device)
-    compiled = torch.compile(lambda t: l2_normalize(t, backend="triton"), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(
+        lambda t: l2_normalize(t, backend="triton"), fullgraph=True, backend="aot_eager"
+    )
     torch.testing.assert_close(compiled(x), l2_normalize(x, backend="triton"))
