@@ -7,6 +7,7 @@ Depends on torch and triton only.
 
 from . import reference
 from .l2norm import l2_normalize
+from .patch_text import patch_text_labels
 from .reference import PatchLabels, Routing
 from .utils import interpreter_active, poison_outputs
 
@@ -15,6 +16,7 @@ __all__ = [
     "Routing",
     "interpreter_active",
     "l2_normalize",
+    "patch_text_labels",
     "poison_outputs",
     "reference",
 ]
