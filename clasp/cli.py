@@ -9,7 +9,9 @@ import importlib
 import sys
 
 # name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("clasp.data.synthetic", "generate a synthetic pedestrian set with full ground truth"),
+}
 
 
 def main_version(args: argparse.Namespace) -> int:
