@@ -11,6 +11,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("clasp.data.synthetic", "generate a synthetic pedestrian set with full ground truth"),
+    "label": ("clasp.teacher.labeling", "label an image folder with the CLIP teacher into a cache"),
 }
 
 
