@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from clasp.eval.metrics import (
     attribute_metrics,
     confusion_matrix,
