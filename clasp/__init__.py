@@ -6,3 +6,11 @@ try:
     __version__ = version("clasp-triton")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
+
+
+def load_backbone(path: str, task=None, **kwargs):
+    """A pre-trained CLASP backbone in eval mode, from an exported safetensors file or a
+    training checkpoint; see `clasp.model.load_backbone`."""
+    from clasp.model import load_backbone as load
+
+    return load(path, task, **kwargs)

@@ -1,0 +1,59 @@
+"""The student: a timm ViT with Prompt-Controlled MoE blocks, task prompts and pre-training heads.
+
+backbone = build_backbone("configs/demo.yaml")          # random init
+backbone = load_backbone("clasp-vit-s.safetensors", task="reid")
+pooled, patches = backbone.extract(images, task={"reid": 0.5, "attributes": 0.5})
+"""
+
+from .heads import AttributeHead, DINOHead, PartHead
+from .io import load_backbone, save_backbone, timm_state_dict
+from .moe import PCMoE, kernel_ops
+from .pretrain_model import HEAD_DEFAULTS, PretrainModel
+from .prompts import TASK_DESCRIPTIONS, TASKS, TaskPrompts
+from .vit import IMAGE_MEAN, IMAGE_STD, MODEL_DEFAULTS, ClaspViT, build_backbone, model_config
+
+
+def build_model(
+    config: dict | str | None = None,
+    *,
+    num_parts: int | None = None,
+    num_attributes: int | None = None,
+    dino: dict | None = None,
+) -> PretrainModel:
+    """The pre-training model (backbone + heads) from a model or training config.
+
+    dino: DINO head settings (HEAD_DEFAULTS["dino"] <- a training config's heads.dino <- dino).
+    num_parts / num_attributes: build the part / attribute heads (None: no such head).
+    """
+    from clasp.config import load_yaml, merge
+
+    if isinstance(config, str):
+        with open(config) as f:
+            config = load_yaml(f) or {}
+    config = config or {}
+    head = merge(HEAD_DEFAULTS["dino"], (config.get("heads") or {}).get("dino") or {})
+    head = merge(head, dino or {})
+    return PretrainModel(build_backbone(config), head, num_parts, num_attributes)
+
+
+__all__ = [
+    "IMAGE_MEAN",
+    "IMAGE_STD",
+    "MODEL_DEFAULTS",
+    "TASKS",
+    "TASK_DESCRIPTIONS",
+    "AttributeHead",
+    "ClaspViT",
+    "DINOHead",
+    "PCMoE",
+    "PartHead",
+    "PretrainModel",
+    "TaskPrompts",
+    "build_backbone",
+    "build_model",
+    "kernel_ops",
+    "load_backbone",
+    "model_config",
+    "save_backbone",
+    "timm_state_dict",
+]

@@ -1,0 +1,237 @@
+"""The student backbone: a timm VisionTransformer whose MLP in chosen blocks is a PC-MoE.
+
+The timm model is kept as is (`self.vit`), so its dense weights keep timm's names and
+downstream code can load them into a plain timm ViT; the MoE layers sit where the MLPs were
+(`blocks.<i>.mlp`), and the task prompts beside the ViT (`prompts.embedding`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import Attention
+from timm.models.vision_transformer import VisionTransformer
+
+from clasp.config import load_yaml, merge
+
+from .moe import PCMoE
+from .prompts import TASKS, TaskPrompts, TaskSpec
+
+# Pixel statistics the backbone expects: images are float, RGB in [0, 1], then normalised.
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+ATTENTIONS = ("sdpa", "xformers", "eager")
+
+MODEL_DEFAULTS = {
+    "img_size": [256, 128],  # (H, W): person aspect ratio
+    "patch_size": 16,
+    "embed_dim": 384,
+    "depth": 12,
+    "num_heads": 6,
+    "mlp_ratio": 4.0,
+    "qkv_bias": True,
+    "drop_path_rate": 0.0,
+    "attention": "sdpa",  # sdpa (torch SDPA) | xformers (CUDA, when installed) | eager
+    "grad_checkpointing": False,
+    "tasks": list(TASKS),
+    "prompt_dim": None,  # None: embed_dim
+    "kernels": "auto",  # auto | triton | reference: route and moe_mlp implementation
+    "moe": {
+        "blocks": [-2, -1],  # block indexes whose MLP becomes a PC-MoE; negative from the end
+        "num_experts": 4,
+        "top_k": 2,
+        "mlp_ratio": 4.0,  # hidden width of each expert / embed_dim
+        "activation": "gelu",
+        "normalize": True,  # renormalise the top-k gate weights to sum to 1
+    },
+}
+
+
+class XFormersAttention(Attention):
+    """timm's Attention with xformers' memory-efficient kernel on CUDA (same weights)."""
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if not x.is_cuda or attn_mask is not None or is_causal:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        from xformers.ops import memory_efficient_attention
+
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        p = self.attn_drop.p if self.training else 0.0
+        x = memory_efficient_attention(q, k, v, p=p).reshape(B, N, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+def model_config(config: dict | str | None = None) -> dict:
+    """The full model config: MODEL_DEFAULTS <- config. `config` may be a model config, a
+    training config (its "model" entry is used) or the path of a YAML file of either."""
+    if isinstance(config, str):
+        with open(config) as f:
+            config = load_yaml(f) or {}
+    config = dict(config or {})
+    if "model" in config and isinstance(config["model"], dict):
+        config = config["model"]
+    unknown = sorted(set(config) - set(MODEL_DEFAULTS))
+    if unknown:
+        raise KeyError(f"unknown model config keys {unknown}; known: {sorted(MODEL_DEFAULTS)}")
+    return merge(MODEL_DEFAULTS, config)
+
+
+class ClaspViT(nn.Module):
+    """PC-MoE ViT backbone. See `forward_tokens` and `extract`."""
+
+    def __init__(self, config: dict | None = None):
+        super().__init__()
+        self.config = cfg = model_config(config)
+        if cfg["attention"] not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {cfg['attention']!r}")
+        if cfg["attention"] == "xformers":
+            try:
+                import xformers.ops  # noqa: F401
+            except ImportError as error:
+                raise ImportError(
+                    "model.attention=xformers needs the xformers package (pip install "
+                    "'clasp-triton[xformers]'); use model.attention=sdpa otherwise"
+                ) from error
+        self.img_size = tuple(cfg["img_size"])
+        self.patch_size = int(cfg["patch_size"])
+        for side in self.img_size:
+            if side % self.patch_size:
+                raise ValueError(f"img_size {self.img_size} must be a multiple of the patch size")
+        self.vit = VisionTransformer(
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            num_classes=0,
+            global_pool="token",
+            embed_dim=cfg["embed_dim"],
+            depth=cfg["depth"],
+            num_heads=cfg["num_heads"],
+            mlp_ratio=cfg["mlp_ratio"],
+            qkv_bias=cfg["qkv_bias"],
+            drop_path_rate=cfg["drop_path_rate"],
+            dynamic_img_size=True,  # local crops run at their own size
+            attn_layer=XFormersAttention if cfg["attention"] == "xformers" else Attention,
+        )
+        for block in self.vit.blocks:
+            block.attn.fused_attn = cfg["attention"] != "eager"
+        self.vit.set_grad_checkpointing(bool(cfg["grad_checkpointing"]))
+        dim = cfg["embed_dim"]
+        prompt_dim = cfg["prompt_dim"] or dim
+        self.prompts = TaskPrompts(cfg["tasks"], prompt_dim)
+        moe = cfg["moe"]
+        depth = cfg["depth"]
+        self.moe_blocks = sorted({i % depth for i in moe["blocks"] if -depth <= i < depth})
+        if len(self.moe_blocks) != len(set(moe["blocks"])):
+            raise ValueError(
+                f"moe.blocks {moe['blocks']} must be distinct indexes in [-{depth}, {depth})"
+            )
+        for i in self.moe_blocks:
+            self.vit.blocks[i].mlp = PCMoE(
+                dim,
+                int(dim * moe["mlp_ratio"]),
+                moe["num_experts"],
+                moe["top_k"],
+                prompt_dim,
+                activation=moe["activation"],
+                normalize=moe["normalize"],
+                backend=cfg["kernels"],
+            )
+        self.default_task: TaskSpec = None
+        self.register_buffer("pixel_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), False)
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.prompts.tasks
+
+    @property
+    def moe_layers(self) -> list[PCMoE]:
+        return [self.vit.blocks[i].mlp for i in self.moe_blocks]
+
+    def set_kernel_backend(self, backend: str) -> None:
+        """Switch every MoE layer between "auto", "triton" and "reference" kernels."""
+        for layer in self.moe_layers:
+            layer.backend = backend
+        self.config["kernels"] = backend
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} must be a multiple of the patch size "
+                f"{self.patch_size}; resize or crop the images first"
+            )
+        return height // self.patch_size, width // self.patch_size
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) RGB -> the normalised float input of `extract`."""
+        return (images.float() / 255.0 - self.pixel_mean) / self.pixel_std
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward_tokens(
+        self, images: torch.Tensor, task_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, list]:
+        """images (B, 3, H, W) normalised, task_weights (B, n_tasks) ->
+        (tokens (B, 1 + gh*gw, D) after the final norm, one `Routing` per MoE block)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        self.grid_size(*images.shape[2:])
+        prompt = self.prompts(task_weights)
+        layers = self.moe_layers
+        for layer in layers:
+            layer.set_prompt(prompt)
+        try:
+            tokens = self.vit.forward_features(images)
+            routings = [layer.last_routing for layer in layers]
+        finally:
+            for layer in layers:
+                layer.set_prompt(None)
+                layer.last_routing = None
+        return tokens, routings
+
+    def forward(self, images: torch.Tensor, task: TaskSpec = None) -> torch.Tensor:
+        """(B, 3, H, W) normalised -> pooled features (B, D) for `task` (see `extract`)."""
+        return self.extract(images, task)[0]
+
+    def extract(
+        self, images: torch.Tensor, task: TaskSpec = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features for downstream tasks.
+
+        Args:
+            images: (B, 3, H, W) float, normalised with IMAGE_MEAN / IMAGE_STD (`normalize`);
+                H and W multiples of the patch size (other sizes than img_size interpolate
+                the position embeddings).
+            task: a task name, a {task: weight} mix, a list of B names, a (n_tasks,) or
+                (B, n_tasks) weight tensor; None = `default_task` (set by `load_backbone`),
+                else "generic".
+        Returns:
+            pooled (B, D): the class token; patches (B, gh, gw, D): the patch tokens on their
+            grid (gh = H / patch, gw = W / patch), both after the final norm.
+        """
+        B, _, H, W = images.shape
+        gh, gw = self.grid_size(H, W)
+        task = self.default_task if task is None else task
+        weights = self.prompts.weights(task, B, images.device)
+        tokens, _ = self.forward_tokens(images, weights)
+        prefix = self.vit.num_prefix_tokens
+        return tokens[:, 0], tokens[:, prefix:].reshape(B, gh, gw, -1)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"vit.{name}" for name in self.vit.no_weight_decay()} | {"prompts.embedding"}
+
+
+def build_backbone(config: dict | str | None = None, *, seed: int | None = None) -> ClaspViT:
+    """A randomly initialised backbone from a model config, a training config or a YAML path
+    (the random-init baseline); `seed` makes the initialisation reproducible."""
+    if seed is None:
+        return ClaspViT(model_config(config))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ClaspViT(model_config(config))
