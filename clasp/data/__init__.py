@@ -11,4 +11,30 @@ present only when the dataset has that label):
     "parts"      int64 tensor (H, W) part mask over dataset.part_names, -1 = ignore
     "keypoints"  float32 tensor (K, 3): x, y in pixels of "image", visibility (0 = absent)
     "caption"    str
+and, where they apply:
+    "box"        float32 tensor (4,): x0, y0, x1, y1 of a crop in its source image (COCO)
+    "skipped"    list[str]: unreadable files replaced by this sample (on_error="replace")
+
+`build_dataset(format, root, split)` opens any supported format (folder, synth, market,
+idfolder, peta, ccp, coco); `MultiCrop` and `EvalTransform` turn samples into model inputs
+with their label maps and keypoints following the geometry; `collate_samples` batches them.
 """
+
+from clasp.data.base import FailedSample, LabelReadError, PersonDataset
+from clasp.data.build import FORMATS, build_dataset
+from clasp.data.images import ImageReadError, list_images, read_rgb
+from clasp.data.transforms import EvalTransform, MultiCrop, collate_samples
+
+__all__ = [
+    "FORMATS",
+    "EvalTransform",
+    "FailedSample",
+    "ImageReadError",
+    "LabelReadError",
+    "MultiCrop",
+    "PersonDataset",
+    "build_dataset",
+    "collate_samples",
+    "list_images",
+    "read_rgb",
+]
