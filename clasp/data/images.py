@@ -43,14 +43,29 @@ def list_images(root: str, recursive: bool = True) -> list[str]:
     return sorted(paths)
 
 
+def _high_bit_depth_to_8(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale as 8-bit "L".
+
+    16-bit data keeps its full range (divided by 257), so a dark 16-bit image stays dark;
+    32-bit integers up to 255 or 65535 are read as 8- or 16-bit; floats in [0, 1] as
+    fractions; anything else is stretched from its own min..max."""
+    array = np.asarray(image, dtype=np.float64)
+    lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and 255 < hi <= 65535 and lo >= 0):
+        array = array / 257.0
+    elif image.mode == "F" and 0.0 <= lo and hi <= 1.0:
+        array = array * 255.0
+    elif not (lo >= 0 and hi <= 255):
+        array = (array - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)
+    return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float greyscale: scale the actual range to 8 bits.
-        array = np.asarray(image, dtype=np.float64)
-        lo, hi = float(array.min()), float(array.max())
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        image = Image.fromarray(((array - lo) * scale).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _high_bit_depth_to_8(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info
+    ):
         # Composite transparency on white instead of letting it turn black.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -67,7 +82,14 @@ def read_rgb(path: str) -> Image.Image:
             rgb = _to_rgb(image)
     except FileNotFoundError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        Image.DecompressionBombError,
+    ) as error:
         raise ImageReadError(path, f"{type(error).__name__}: {error}") from error
     if rgb.width == 0 or rgb.height == 0:
         raise ImageReadError(path, "image has zero size")
