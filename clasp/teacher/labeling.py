@@ -1,0 +1,306 @@
+"""`clasp label`: run the CLIP teacher over an image folder and fill a label cache.
+
+Images are listed recursively, hashed (sha256 of the bytes: the cache key, so renamed or
+duplicated files are labelled once), and the ones not yet in the cache are decoded, labelled
+in batches and written in shards. Unreadable files are skipped with their reason, logged and
+recorded in the shard, so a resumed run neither retries them nor shifts shard boundaries: a
+run killed at any point and started again ends with the same cache as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from clasp.data.images import ImageReadError, list_images, read_rgb
+
+from . import DENSE_MODES, RANDOM_WEIGHTS
+from .cache import LabelCache, LabelCacheWriter, file_sha256
+from .prompts import Prompts, load_prompts
+
+if TYPE_CHECKING:  # open_clip takes seconds to import: only `main` and callers load it
+    from .clip import ClipTeacher
+
+log = logging.getLogger("clasp.teacher")
+
+DEFAULT_TEACHER = "ViT-B-16"
+DEFAULT_PRETRAINED = "openai"
+DEFAULT_THRESHOLD = 0.4
+DEFAULT_SHARD_SIZE = 1024
+
+
+@dataclass
+class LabelingReport:
+    labelled: int = 0  # images labelled by this run
+    already_cached: int = 0  # images found in the cache (or duplicates of them)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    seconds: float = 0.0  # teacher time: decoding, forward passes and labeling
+
+    @property
+    def images_per_second(self) -> float:
+        return self.labelled / self.seconds if self.seconds > 0 else 0.0
+
+
+def cache_meta(
+    teacher: ClipTeacher, prompts: Prompts, temperature: float, threshold: float | None
+) -> dict:
+    return {
+        "teacher": teacher.description,
+        "dense": teacher.dense,
+        "prompts": {
+            "templates": prompts.templates,
+            "parts": prompts.parts,
+            "attributes": prompts.attributes,
+        },
+        "part_names": prompts.part_names,
+        "attribute_names": prompts.attribute_names,
+        "group_sizes": prompts.group_sizes,
+        "image_size": list(teacher.image_size),
+        "grid_size": list(teacher.grid_size),
+        "geometry": "whole image resized to image_size; grid cells tile the whole image",
+        "temperature": temperature,
+        "threshold": threshold,
+    }
+
+
+class _Decode(torch.utils.data.Dataset):
+    """(sha, path) -> (sha, path, resized uint8 tensor or None, reason)."""
+
+    def __init__(self, items: list[tuple[str, str]], teacher: ClipTeacher):
+        self.items = items
+        self.resize = teacher.resize
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        sha, path = self.items[index]
+        try:
+            return sha, path, self.resize(read_rgb(path)), None
+        except (ImageReadError, OSError) as error:
+            return sha, path, None, getattr(error, "reason", None) or str(error)
+
+
+def label_folder(
+    images: str,
+    out: str,
+    teacher: ClipTeacher,
+    prompts: Prompts,
+    *,
+    batch_size: int = 32,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    temperature: float | None = None,
+    threshold: float | None = DEFAULT_THRESHOLD,
+    workers: int = 0,
+    backend: str = "auto",
+    progress: bool = True,
+) -> LabelingReport:
+    """Label every image under `images` not yet in the cache at `out` (see module doc)."""
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError("batch_size and shard_size must be at least 1")
+    # Shards hold whole batches, so a resumed run batches images exactly as before.
+    shard_size = -(-shard_size // batch_size) * batch_size
+    temperature = teacher.default_temperature if temperature is None else temperature
+    writer = LabelCacheWriter(out, cache_meta(teacher, prompts, temperature, threshold))
+    text = teacher.text_embeddings(prompts)
+    report = LabelingReport()
+
+    pending, seen = [], set(writer.done)
+    for path in tqdm(list_images(images), desc="hashing", unit="img", disable=not progress):
+        try:
+            sha = file_sha256(path)
+        except OSError as error:
+            _skip(report, path, f"{type(error).__name__}: {error}")
+            continue
+        if sha in writer.failed:  # found unreadable by an earlier run: report, do not retry
+            report.unreadable.append((path, writer.failed[sha][1]))
+            continue
+        if sha in seen:
+            report.already_cached += 1
+            continue
+        seen.add(sha)
+        pending.append((sha, path))
+
+    loader = torch.utils.data.DataLoader(
+        _Decode(pending, teacher),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=list,
+        pin_memory=teacher.device.type == "cuda",
+    )
+    shard = _ShardBuffer(teacher.grid_size, len(prompts.attribute_names))
+    bar = tqdm(total=len(pending), desc="labelling", unit="img", disable=not progress)
+    start = time.perf_counter()
+    for batch in loader:
+        readable = [(sha, pixels) for sha, _, pixels, _ in batch if pixels is not None]
+        for sha, path, pixels, reason in batch:
+            if pixels is None:
+                _skip(report, path, reason)
+                shard.failed[sha] = [path, reason]
+        if readable:
+            labels = teacher.label(
+                torch.stack([p for _, p in readable]),
+                text,
+                temperature=temperature,
+                threshold=threshold,
+                backend=backend,
+            )
+            shard.add([sha for sha, _ in readable], {k: v.cpu() for k, v in labels.items()})
+        shard.count += len(batch)
+        bar.update(len(batch))
+        if shard.count >= shard_size:
+            report.labelled += shard.flush(writer)
+    report.labelled += shard.flush(writer)
+    bar.close()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+class _ShardBuffer:
+    """Labels of the images of one shard, collected batch by batch."""
+
+    def __init__(self, grid_size: tuple[int, int], n_attributes: int):
+        self.shapes = {
+            "parts": (0, *grid_size),
+            "part_confidence": (0, *grid_size),
+            "attributes": (0, n_attributes),
+        }
+        self._clear()
+
+    def _clear(self) -> None:
+        self.keys: list[str] = []
+        self.labels: list[dict[str, torch.Tensor]] = []
+        self.failed: dict[str, list[str]] = {}
+        self.count = 0
+
+    def add(self, keys: list[str], labels: dict[str, torch.Tensor]) -> None:
+        self.keys += keys
+        self.labels.append(labels)
+
+    def flush(self, writer: LabelCacheWriter) -> int:
+        if self.count == 0:
+            return 0
+        stacked = {
+            name: torch.cat([b[name] for b in self.labels]) if self.labels else torch.zeros(shape)
+            for name, shape in self.shapes.items()
+        }
+        writer.write_shard(self.keys, **stacked, failed=self.failed)
+        written = len(self.keys)
+        self._clear()
+        return written
+
+
+def _skip(report: LabelingReport, path: str, reason: str) -> None:
+    log.warning("skipping unreadable image %s: %s", path, reason)
+    report.unreadable.append((path, reason))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, help="folder of person images (recursive)")
+    parser.add_argument("--out", required=True, help="label cache folder (created or resumed)")
+    parser.add_argument(
+        "--teacher",
+        default=DEFAULT_TEACHER,
+        help="open_clip model name, or a folder with open_clip_config.json + weights "
+        f"(default {DEFAULT_TEACHER})",
+    )
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help=f"pretrained tag or checkpoint file for a model name (default {DEFAULT_PRETRAINED}"
+        f"); '{RANDOM_WEIGHTS}' for random weights",
+    )
+    parser.add_argument("--prompts", default=None, help="prompts YAML (default: packaged)")
+    parser.add_argument("--dense", choices=DENSE_MODES, default="maskclip")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="patches whose part probability is below it get label -1 "
+        f"(default {DEFAULT_THRESHOLD}; a negative value keeps every label)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="softmax temperature (default: 1/logit_scale)",
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard"
+    )
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "triton", "reference"),
+        default="auto",
+        help="labeling kernel: fused Triton or eager reference",
+    )
+    parser.add_argument(
+        "--visualize", type=int, default=0, metavar="N", help="write part overlays of N images"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    from .clip import TeacherLoadError, load_teacher
+
+    pretrained = args.pretrained
+    if pretrained is None and not os.path.isdir(args.teacher):
+        pretrained = DEFAULT_PRETRAINED
+    try:
+        teacher = load_teacher(args.teacher, pretrained, device=args.device, dense=args.dense)
+    except TeacherLoadError as error:
+        log.error("%s", error)
+        return 2
+    prompts = load_prompts(args.prompts)
+    threshold = None if args.threshold < 0 else args.threshold
+    report = label_folder(
+        args.images,
+        args.out,
+        teacher,
+        prompts,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        temperature=args.temperature,
+        threshold=threshold,
+        workers=args.workers,
+        backend=args.backend,
+        progress=not args.no_progress,
+    )
+    cache = LabelCache(args.out)
+    log.info(
+        "labelled %d images in %.1f s (%.1f images/s), %d already cached, %d unreadable "
+        "skipped; the cache at %s holds %d images",
+        report.labelled,
+        report.seconds,
+        report.images_per_second,
+        report.already_cached,
+        len(report.unreadable),
+        args.out,
+        len(cache),
+    )
+    for path, reason in report.unreadable:
+        log.info("unreadable: %s (%s)", path, reason)
+    if args.visualize > 0:
+        from .visualize import write_overlays
+
+        written = write_overlays(
+            cache, args.images, os.path.join(args.out, "visualize"), args.visualize
+        )
+        log.info("wrote %d part overlays to %s", len(written), os.path.join(args.out, "visualize"))
+    return 0

@@ -1,0 +1,150 @@
+import json
+import os
+import time
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clasp.teacher import TeacherLoadError, load_prompts, load_teacher, save_teacher
+from clasp.teacher.clip import ClipTeacher, _value_path
+from tests.teacher.conftest import TINY_CLIP
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher_dir) -> ClipTeacher:
+    return load_teacher(tiny_teacher_dir, dense="maskclip")
+
+
+def _images(teacher, batch=3) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, 3, *teacher.image_size), dtype=torch.uint8)
+
+
+def test_saved_teacher_loads_from_directory_config_dict_json_and_open_clip(tiny_teacher_dir):
+    from_dir = load_teacher(tiny_teacher_dir)
+    weights = os.path.join(tiny_teacher_dir, "open_clip_model.safetensors")
+    from_dict = load_teacher(TINY_CLIP, weights)
+    config_json = os.path.join(tiny_teacher_dir, "open_clip_config.json")
+    from_json = load_teacher(config_json, weights)
+    native = open_clip.create_model("local-dir:" + tiny_teacher_dir)
+    reference = native.state_dict()
+    for teacher in (from_dir, from_dict, from_json):
+        state = teacher.model.state_dict()
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k], reference[k]) for k in reference)
+    assert tiny_teacher_dir in from_dir.description
+    with open(config_json) as f:
+        assert json.load(f)["model_cfg"] == TINY_CLIP
+
+
+def test_dense_features_plain_and_maskclip(tiny_teacher_dir):
+    plain = load_teacher(tiny_teacher_dir, dense="plain")
+    maskclip = load_teacher(tiny_teacher_dir, dense="maskclip")
+    pixels = plain.normalize(_images(plain))
+    gh, gw = plain.grid_size
+    assert (gh, gw) == (8, 8)
+
+    pooled, dense = plain.encode_image(pixels)
+    pooled_m, dense_m = maskclip.encode_image(pixels)
+    assert pooled.shape == (3, 32) and dense.shape == (3, gh * gw, 32) == dense_m.shape
+    # The pooled embedding and the plain tokens are open_clip's own.
+    visual = plain.model.visual
+    torch.testing.assert_close(pooled, plain.model.encode_image(pixels))
+    torch.testing.assert_close(pooled_m, pooled)
+    visual.output_tokens = True
+    _, tokens = visual(pixels)
+    visual.output_tokens = False
+    torch.testing.assert_close(dense, tokens @ visual.proj)
+    assert not torch.allclose(dense_m, dense, atol=1e-3)
+
+
+@pytest.mark.parametrize("block_kind", ["default", "custom-scaled-heads"])
+def test_maskclip_value_path_is_attention_of_a_token_to_itself(block_kind):
+    # With one token, softmax attention is exactly the value path.
+    if block_kind == "default":
+        block = open_clip.transformer.ResidualAttentionBlock(32, 4, ls_init_value=0.5)
+    else:
+        block = open_clip.transformer.CustomResidualAttentionBlock(
+            32, 4, scale_heads=True, scale_attn_inner=True, scale_attn=True
+        )
+        torch.nn.init.normal_(block.attn.head_scale)
+    x = torch.randn(5, 1, 32)
+    with torch.no_grad():
+        if block_kind == "default":
+            attended = block.ls_1(block.attention(block.ln_1(x)))
+        else:
+            attended = block.ls_1(block.ln_attn(block.attn(block.ln_1(x))))
+        torch.testing.assert_close(_value_path(block, x), attended)
+
+
+def test_class_embeddings_average_every_prompt_and_template(teacher):
+    classes = [["a head", "a face"], ["a shoe"]]
+    templates = ["a photo of {}.", "{} in the street"]
+    got = teacher.class_embeddings(classes, templates)
+    expected = []
+    for prompts in classes:
+        texts = [t.format(p) for p in prompts for t in templates]
+        tokens = teacher.tokenizer(texts)
+        each = F.normalize(teacher.model.encode_text(tokens), dim=-1)
+        expected.append(F.normalize(each.mean(0), dim=0))
+    torch.testing.assert_close(got, torch.stack(expected))
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_label_shapes_ranges_and_attribute_groups(teacher, backend):
+    prompts = load_prompts()
+    text = teacher.text_embeddings(prompts)
+    assert text.parts.shape == (len(prompts.part_names), 32)
+    assert text.attributes.shape == (len(prompts.attribute_names), 32)
+    labels = teacher.label(_images(teacher, 4), text, threshold=0.2, backend=backend)
+    gh, gw = teacher.grid_size
+    assert labels["parts"].shape == (4, gh, gw) and labels["parts"].dtype == torch.int64
+    assert labels["part_confidence"].shape == (4, gh, gw)
+    assert labels["parts"].min() >= -1 and labels["parts"].max() < len(prompts.part_names)
+    low = labels["part_confidence"] < 0.2
+    assert (labels["parts"][low] == -1).all() and (labels["parts"][~low] >= 0).all()
+    attributes = labels["attributes"]
+    assert (
+        attributes.shape == (4, len(prompts.attribute_names)) and attributes.dtype == torch.float32
+    )
+    for group in attributes.split(prompts.group_sizes, dim=-1):
+        torch.testing.assert_close(group.sum(-1), torch.ones(4))
+
+
+def test_missing_weights_fail_fast_with_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(TeacherLoadError) as caught:
+        load_teacher("ViT-B-32", "openai")
+    assert time.perf_counter() - start < 10
+    message = str(caught.value)
+    assert "'ViT-B-32'" in message and "'openai'" in message and "--pretrained /path" in message
+    with pytest.raises(TeacherLoadError, match="checkpoint file not found"):
+        load_teacher("ViT-B-32", "/no/such/weights.safetensors")
+    with pytest.raises(TeacherLoadError, match="neither a known pretrained tag"):
+        load_teacher("ViT-B-32", "no-such-tag")
+    with pytest.raises(TeacherLoadError, match="did you mean ViT-B-32"):
+        load_teacher("ViT-B-23", "openai")
+
+
+def test_directory_without_weights_and_non_vit_towers_are_refused(tmp_path):
+    config = {"model_cfg": TINY_CLIP}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(TeacherLoadError, match="no weights"):
+        load_teacher(str(tmp_path))
+    assert load_teacher(str(tmp_path), "random").grid_size == (8, 8)
+
+    resnet = dict(TINY_CLIP, vision_cfg={"image_size": 64, "layers": [1, 1, 1, 1], "width": 8})
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        load_teacher(resnet, "random")
+    with pytest.raises(ValueError, match="dense must be one of"):
+        load_teacher(TINY_CLIP, "random", dense="mean")
+
+
+def test_save_teacher_accepts_full_open_clip_config(tmp_path):
+    model = open_clip.CLIP(**TINY_CLIP)
+    save_teacher(model, {"model_cfg": TINY_CLIP, "preprocess_cfg": {"mean": [0.5] * 3}}, tmp_path)
+    teacher = load_teacher(str(tmp_path))
+    torch.testing.assert_close(teacher.mean, torch.full((3,), 0.5))
