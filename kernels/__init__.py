@@ -7,6 +7,7 @@ Depends on torch and triton only.
 
 from . import reference
 from .l2norm import l2_normalize
+from .moe_mlp import grouped_matmul, moe_mlp
 from .patch_text import patch_text_labels
 from .reference import PatchLabels, Routing
 from .utils import interpreter_active, poison_outputs
@@ -14,8 +15,10 @@ from .utils import interpreter_active, poison_outputs
 __all__ = [
     "PatchLabels",
     "Routing",
+    "grouped_matmul",
     "interpreter_active",
     "l2_normalize",
+    "moe_mlp",
     "patch_text_labels",
     "poison_outputs",
     "reference",

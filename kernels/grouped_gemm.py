@@ -1,0 +1,670 @@
+"""Grouped GEMMs over expert segments: the kernels behind `moe_mlp` and `grouped_matmul`.
+
+Rows of the left operand are grouped by expert: sorted row r with offsets[e] <= r < offsets[e+1]
+multiplies w[e]. Each sorted row may stand for a routing slot s = t * k + j (its token is
+s // k), which lets the GEMMs gather input rows and scatter output rows by index instead of
+materialising padded, expert-sorted copies of the activations.
+
+Tile schedule, with no host synchronisation: the grid covers an upper bound on the number of
+M-tiles, sum_e ceil(count_e / BLOCK_M) <= ceil(M / BLOCK_M) + E, and every program finds its
+expert and first row from `offsets` (a prefix sum over E tile counts in registers). Programs
+past the last tile return at once.
+
+Accumulation is fp32. fp32 inputs use tf32 tensor cores on CUDA when
+`torch.get_float32_matmul_precision()` is "high" or "medium", full fp32 when "highest".
+Row offsets into pointers are int64, so T * k * d may exceed 2^31.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import interpreter_active
+
+ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+
+# Hopper and Ampere: 64/128-row tiles, 128/256-column tiles, 64-deep K steps, 3-4 stages.
+_CUDA_CONFIGS = [
+    triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=s, num_warps=w
+    )
+    for bm, bn, s, w in [
+        (128, 256, 3, 8),
+        (128, 128, 4, 8),
+        (128, 128, 3, 4),
+        (64, 256, 4, 8),
+        (64, 128, 4, 4),
+        (128, 256, 4, 8),
+    ]
+]
+# The interpreter runs one config (autotuning needs a device) and pays per program and K step,
+# so it gets large blocks; 64 still leaves several tiles for the tests' d, f < 128.
+_INTERPRETER_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4)
+]
+GEMM_CONFIGS = _INTERPRETER_CONFIGS if interpreter_active() else _CUDA_CONFIGS
+MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in GEMM_CONFIGS)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def dot_dtype(dtype: torch.dtype):
+    """Operand type of `tl.dot`: the input's, except fp32 in the interpreter, whose bf16
+    arithmetic is wrong."""
+    return tl.float32 if interpreter_active() else _TL_DTYPES[dtype]
+
+
+def dot_precision() -> str:
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _activation(x, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == 2:
+        x = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    elif ACTIVATION == 3:
+        x = x * tl.sigmoid(x)
+    return x
+
+
+@triton.jit
+def _activation_grad(x, ACTIVATION: tl.constexpr):
+    """d act(x) / dx."""
+    if ACTIVATION == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        grad = cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    elif ACTIVATION == 2:
+        t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        dinner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+        grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
+    elif ACTIVATION == 3:
+        s = tl.sigmoid(x)
+        grad = s * (1.0 + x * (1.0 - s))
+    else:
+        grad = tl.full(x.shape, 1.0, tl.float32)
+    return grad
+
+
+@triton.jit
+def _tile_segment(offsets_ptr, pid_m, M, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Segment owning M-tile `pid_m`: an expert e < E, E for the rows [offsets[E], M) past the
+    last expert (written as zeros), or more than E when the tile is past every segment.
+    Returns (segment, first row of the tile, end row of the segment)."""
+    seg = tl.arange(0, E_POW2)
+    lo = tl.load(offsets_ptr + seg, mask=seg <= E, other=0)
+    hi = tl.load(offsets_ptr + seg + 1, mask=seg < E, other=0)
+    hi = tl.where(seg == E, M, hi)
+    tiles = tl.where(seg <= E, (hi - lo + BLOCK_M - 1) // BLOCK_M, 0)
+    ends = tl.cumsum(tiles, 0)
+    segment = tl.sum((ends <= pid_m).to(tl.int32), 0)
+    here = seg == segment
+    first_tile = tl.sum(tl.where(here, ends - tiles, 0), 0)
+    row_start = tl.sum(tl.where(here, lo, 0), 0) + (pid_m - first_tile) * BLOCK_M
+    return segment, row_start, tl.sum(tl.where(here, hi, 0), 0)
+
+
+@triton.jit
+def _swizzle(M, N, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) visiting GROUP_M row tiles per column sweep, so tiles that share an
+    expert's weights run close together."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M) + E
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+    return pid_m, pid_n
+
+
+@triton.autotune(
+    configs=GEMM_CONFIGS,
+    key=["N", "K", "GATHER", "SCATTER", "HAS_BIAS", "ACTIVATION", "STORE_PRE", "GATE"],
+)
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _grouped_mm_kernel(
+    a_ptr,
+    w_ptr,
+    out_ptr,
+    offsets_ptr,
+    slots_ptr,
+    bias_ptr,
+    gate_ptr,
+    pre_ptr,
+    M,
+    N,
+    K,
+    E,
+    top_k,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_om,
+    stride_on,
+    stride_be,
+    stride_pm,
+    GATHER: tl.constexpr,  # A row of sorted row r is slots[r] // top_k (else r)
+    SCATTER: tl.constexpr,  # output row of sorted row r is slots[r] (else r)
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    STORE_PRE: tl.constexpr,  # also store the pre-activation, in sorted order
+    GATE: tl.constexpr,  # multiply output row r by gate[slots[r]]
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid_m, pid_n = _swizzle(M, N, E, BLOCK_M, BLOCK_N, GROUP_M)
+    expert, row_start, row_end = _tile_segment(offsets_ptr, pid_m, M, E, BLOCK_M, E_POW2)
+    if expert > E:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    if expert == E:  # rows past offsets[E]: nothing multiplies them
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), out_ptr.dtype.element_ty)
+        out_offs = rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+        tl.store(out_ptr + out_offs, zeros, mask=mask)
+        return
+
+    if GATHER or SCATTER or GATE:
+        slots = tl.load(slots_ptr + rows, mask=row_mask, other=0)
+    if GATHER:
+        a_rows = (slots // top_k).to(tl.int64)
+    else:
+        a_rows = rows.to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
+    w_ptrs = (
+        w_ptr
+        + expert.to(tl.int64) * stride_we
+        + ks[:, None] * stride_wk
+        + cols[None, :] * stride_wn
+    )
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+        else:
+            k_mask = ks < K - k0
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert * stride_be + cols, mask=col_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if STORE_PRE:
+        pre_offs = rows.to(tl.int64)[:, None] * stride_pm + cols[None, :]
+        tl.store(pre_ptr + pre_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+    acc = _activation(acc, ACTIVATION)
+    if GATE:
+        acc *= tl.load(gate_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    if SCATTER:
+        out_rows = slots.to(tl.int64)
+    else:
+        out_rows = rows.to(tl.int64)
+    out_offs = out_rows[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "HAS_BIAS", "ACTIVATION"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _grouped_mm_act_bwd_kernel(
+    dy_ptr,
+    w_ptr,
+    pre_ptr,
+    dpre_ptr,
+    gated_h_ptr,
+    offsets_ptr,
+    slots_ptr,
+    gate_ptr,
+    bias_ptr,
+    dgate_ptr,
+    M,
+    N,
+    K,
+    E,
+    top_k,
+    stride_dym,
+    stride_dyk,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_hm,
+    stride_be,
+    stride_gm,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """Backward through the second GEMM and the activation, per sorted row r of slot s:
+    g = dy[s // k] @ w2[e]^T; dpre = gate[s] * g * act'(pre); gated_h = gate[s] * act(pre),
+    recomputed for dw2 = gated_h^T @ dy (the gate rides on h so that GEMM streams both
+    operands straight from memory); and this column tile's share of
+    d gate[s] = <g, act(pre)> + <dy[s // k], b2[e]>."""
+    pid_m, pid_n = _swizzle(M, N, E, BLOCK_M, BLOCK_N, GROUP_M)
+    expert, row_start, row_end = _tile_segment(offsets_ptr, pid_m, M, E, BLOCK_M, E_POW2)
+    if expert >= E:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+
+    slots = tl.load(slots_ptr + rows, mask=row_mask, other=0)
+    ks = tl.arange(0, BLOCK_K)
+    dy_ptrs = (
+        dy_ptr + (slots // top_k).to(tl.int64)[:, None] * stride_dym + ks[None, :] * stride_dyk
+    )
+    w_ptrs = (
+        w_ptr
+        + expert.to(tl.int64) * stride_we
+        + ks[:, None] * stride_wk
+        + cols[None, :] * stride_wn
+    )
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    bias_dot = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            dy = tl.load(dy_ptrs, mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+        else:
+            k_mask = ks < K - k0
+            dy = tl.load(dy_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            if pid_n == 0:  # <dy, b2> once per row, by the first column tile
+                b_offs = expert * stride_be + k0 + ks
+                b = tl.load(bias_ptr + b_offs, mask=ks < K - k0, other=0.0).to(tl.float32)
+                bias_dot += tl.sum(dy.to(tl.float32) * b[None, :], axis=1)
+        dy_ptrs += BLOCK_K * stride_dyk
+        w_ptrs += BLOCK_K * stride_wk
+
+    offs = rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
+    pre = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    h = _activation(pre, ACTIVATION)
+    gate = tl.load(gate_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
+    gated_h = h * gate[:, None]
+    tl.store(gated_h_ptr + offs, gated_h.to(gated_h_ptr.dtype.element_ty), mask=mask)
+    dpre = acc * gate[:, None] * _activation_grad(pre, ACTIVATION)
+    tl.store(dpre_ptr + offs, dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
+    # act(0) = 0 for every activation, so masked columns add nothing.
+    dgate = tl.sum(acc * h, axis=1) + bias_dot
+    tl.store(dgate_ptr + slots.to(tl.int64) * stride_gm + pid_n, dgate, mask=row_mask)
+
+
+@triton.autotune(
+    configs=GEMM_CONFIGS, key=["Dm", "Dn", "GATHER_A", "GATHER_B", "BIAS_GRAD", "GATE_BIAS"]
+)
+@triton.jit
+def _grouped_wgrad_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    bias_grad_ptr,
+    offsets_ptr,
+    slots_ptr,
+    gate_ptr,
+    Dm,
+    Dn,
+    top_k,
+    stride_am,
+    stride_ak,
+    stride_bm,
+    stride_bn,
+    stride_oe,
+    stride_om,
+    stride_on,
+    stride_ge,
+    GATHER_A: tl.constexpr,  # A row of sorted row r is slots[r] // top_k (else r)
+    GATHER_B: tl.constexpr,  # B row likewise
+    BIAS_GRAD: tl.constexpr,  # also sum B over the expert's rows
+    GATE_BIAS: tl.constexpr,  # ... with B row r scaled by gate[slots[r]] in that sum
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out[e] = A_e^T @ B_e over expert e's rows (zero for an empty expert): (Dm, Dn) per
+    expert, with A (rows, Dm) and B (rows, Dn); the rows are the reduction axis."""
+    expert = tl.program_id(1)
+    num_pid_n = tl.cdiv(Dn, BLOCK_N)
+    pid_m = tl.program_id(0) // num_pid_n
+    pid_n = tl.program_id(0) % num_pid_n
+    lo = tl.load(offsets_ptr + expert)
+    hi = tl.load(offsets_ptr + expert + 1)
+    cols_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = cols_m < Dm
+    mask_n = cols_n < Dn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    bias_acc = tl.zeros((BLOCK_N,), tl.float32)
+    for r0 in range(lo, hi, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        row_mask = rows < hi
+        if GATHER_A or GATHER_B or GATE_BIAS:
+            slots = tl.load(slots_ptr + rows, mask=row_mask, other=0)
+        if GATHER_A:
+            a_rows = (slots // top_k).to(tl.int64)
+        else:
+            a_rows = rows.to(tl.int64)
+        if GATHER_B:
+            b_rows = (slots // top_k).to(tl.int64)
+        else:
+            b_rows = rows.to(tl.int64)
+        a_t = tl.load(
+            a_ptr + a_rows[None, :] * stride_am + cols_m[:, None] * stride_ak,
+            mask=mask_m[:, None] & row_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + b_rows[:, None] * stride_bm + cols_n[None, :] * stride_bn,
+            mask=row_mask[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a_t.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        if BIAS_GRAD:
+            if pid_m == 0:
+                b = b.to(tl.float32)
+                if GATE_BIAS:
+                    b *= tl.load(gate_ptr + slots, mask=row_mask, other=0.0)[:, None]
+                bias_acc += tl.sum(b, axis=0)
+    out_offs = cols_m[:, None] * stride_om + cols_n[None, :] * stride_on
+    out_base = out_ptr + expert.to(tl.int64) * stride_oe
+    tl.store(
+        out_base + out_offs,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
+    if BIAS_GRAD:
+        if pid_m == 0:
+            bias_ptrs = bias_grad_ptr + expert * stride_ge + cols_n
+            tl.store(bias_ptrs, bias_acc.to(bias_grad_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _sum_slots_kernel(
+    src_ptr,
+    gate_ptr,
+    out_ptr,
+    T,
+    N,
+    top_k,
+    stride_s,
+    stride_o,
+    GATE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out[t] = sum_j gate[t*k + j] * src[t*k + j], j ascending: a fixed order, so the sum is
+    the same on every run."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_mask = tokens < T
+    mask = t_mask[:, None] & (cols[None, :] < N)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
+    for j in range(top_k):
+        slots = tokens.to(tl.int64) * top_k + j
+        v = tl.load(src_ptr + slots[:, None] * stride_s + cols[None, :], mask=mask, other=0.0)
+        v = v.to(tl.float32)
+        if GATE:
+            v *= tl.load(gate_ptr + slots, mask=t_mask, other=0.0).to(tl.float32)[:, None]
+        acc += v
+    out_offs = tokens.to(tl.int64)[:, None] * stride_o + cols[None, :]
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _segment_sum_kernel(
+    src_ptr, order_ptr, bounds_ptr, out_ptr, N, stride_s, stride_o, BLOCK_N: tl.constexpr
+):
+    """out[t] = sum of src[order[i]] for bounds[t] <= i < bounds[t+1], i ascending."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    lo = tl.load(bounds_ptr + t)
+    hi = tl.load(bounds_ptr + t + 1)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for i in range(lo, hi):
+        row = tl.load(order_ptr + i).to(tl.int64)
+        acc += tl.load(src_ptr + row * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
+    out_offs = t.to(tl.int64) * stride_o + cols
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+def _grid_rows(num_rows: int, E: int, N: int):
+    """Grid over the bound on M-tiles times N-tiles; no host read of the counts."""
+    return lambda meta: (
+        (triton.cdiv(num_rows, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),
+    )
+
+
+def launch_grouped_mm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    offsets: torch.Tensor,
+    num_rows: int,
+    *,
+    slots: torch.Tensor | None = None,
+    top_k: int = 1,
+    gather: bool = False,
+    scatter: bool = False,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    pre: torch.Tensor | None = None,
+    gates: torch.Tensor | None = None,
+) -> None:
+    """out[r or slots[r]] = gate * act(a[r or slots[r] // top_k] @ w[e] + bias[e]) for the
+    num_rows sorted rows; w is (E, K, N) with any strides (pass a transposed view for w^T).
+    Rows past offsets[E] are written as zeros (when not scattering)."""
+    E, K, N = w.shape
+    if bias is not None:
+        bias = bias.contiguous()
+    _grouped_mm_kernel[_grid_rows(num_rows, E, N)](
+        a,
+        w,
+        out,
+        offsets,
+        slots if slots is not None else offsets,
+        bias if bias is not None else out,
+        gates if gates is not None else out,
+        pre if pre is not None else out,
+        num_rows,
+        N,
+        K,
+        E,
+        top_k,
+        a.stride(0),
+        a.stride(1),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        out.stride(0),
+        out.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        pre.stride(0) if pre is not None else 0,
+        GATHER=gather,
+        SCATTER=scatter,
+        HAS_BIAS=bias is not None,
+        ACTIVATION=ACTIVATION_CODES[activation],
+        STORE_PRE=pre is not None,
+        GATE=gates is not None,
+        DOT_DTYPE=dot_dtype(a.dtype),
+        DOT_PRECISION=dot_precision(),
+        E_POW2=triton.next_power_of_2(E + 1),
+    )
+
+
+def launch_act_bwd(
+    dy: torch.Tensor,
+    w2: torch.Tensor,
+    pre: torch.Tensor,
+    dpre: torch.Tensor,
+    gated_h: torch.Tensor,
+    offsets: torch.Tensor,
+    slots: torch.Tensor,
+    gates: torch.Tensor,
+    b2: torch.Tensor | None,
+    dgate_parts: torch.Tensor,
+    top_k: int,
+    activation: str,
+) -> None:
+    """Fills dpre, gated_h (both (M, f), sorted order) and dgate_parts (T*k, >= f / BLOCK_N tiles,
+    zero-initialised, slot order); w2 is (E, f, d)."""
+    M, f = pre.shape
+    E, _, d = w2.shape
+    w2_t = w2.transpose(1, 2)
+    if b2 is not None:
+        b2 = b2.contiguous()
+    _grouped_mm_act_bwd_kernel[_grid_rows(M, E, f)](
+        dy,
+        w2_t,
+        pre,
+        dpre,
+        gated_h,
+        offsets,
+        slots,
+        gates,
+        b2 if b2 is not None else dpre,
+        dgate_parts,
+        M,
+        f,
+        d,
+        E,
+        top_k,
+        dy.stride(0),
+        dy.stride(1),
+        w2_t.stride(0),
+        w2_t.stride(1),
+        w2_t.stride(2),
+        pre.stride(0),
+        b2.stride(0) if b2 is not None else 0,
+        dgate_parts.stride(0),
+        HAS_BIAS=b2 is not None,
+        ACTIVATION=ACTIVATION_CODES[activation],
+        DOT_DTYPE=dot_dtype(dy.dtype),
+        DOT_PRECISION=dot_precision(),
+        E_POW2=triton.next_power_of_2(E + 1),
+    )
+
+
+def launch_grouped_wgrad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    slots: torch.Tensor | None = None,
+    top_k: int = 1,
+    gather_a: bool = False,
+    gather_b: bool = False,
+    gates: torch.Tensor | None = None,
+    bias_grad: torch.Tensor | None = None,
+) -> None:
+    """out[e] = a_e^T @ b_e (E, Dm, Dn) over each expert's sorted rows; bias_grad[e] = the
+    column sums of b_e, each row scaled by gates[slots[r]] when gates are given. Rows are
+    gathered by slots[r] // top_k where asked."""
+    E, Dm, Dn = out.shape
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(Dm, meta["BLOCK_M"]) * triton.cdiv(Dn, meta["BLOCK_N"]),
+        E,
+    )
+    _grouped_wgrad_kernel[grid](
+        a,
+        b,
+        out,
+        bias_grad if bias_grad is not None else out,
+        offsets,
+        slots if slots is not None else offsets,
+        gates if gates is not None else out,
+        Dm,
+        Dn,
+        top_k,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        bias_grad.stride(0) if bias_grad is not None else 0,
+        GATHER_A=gather_a,
+        GATHER_B=gather_b,
+        BIAS_GRAD=bias_grad is not None,
+        GATE_BIAS=gates is not None,
+        DOT_DTYPE=dot_dtype(a.dtype),
+        DOT_PRECISION=dot_precision(),
+    )
+
+
+def launch_sum_slots(
+    src: torch.Tensor, out: torch.Tensor, top_k: int, gates: torch.Tensor | None = None
+) -> None:
+    """out[t] = sum_j gates[t*k+j] * src[t*k+j] (gates optional); src (T*k, N), out (T, N)."""
+    T, N = out.shape
+    block_n = min(triton.next_power_of_2(N), 128 if interpreter_active() else 512)
+    block_t = max(1, 4096 // block_n)
+    grid = (triton.cdiv(T, block_t), triton.cdiv(N, block_n))
+    _sum_slots_kernel[grid](
+        src,
+        gates if gates is not None else src,
+        out,
+        T,
+        N,
+        top_k,
+        src.stride(0),
+        out.stride(0),
+        GATE=gates is not None,
+        BLOCK_T=block_t,
+        BLOCK_N=block_n,
+    )
+
+
+def launch_segment_sum(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """out[t] = sum of the rows i of src with index[i] == t, in ascending i (deterministic,
+    unlike an atomic scatter-add); src (M, N), index (M,), out (T, N)."""
+    T, N = out.shape
+    order = torch.sort(index, stable=True).indices.to(torch.int32)
+    bounds = torch.zeros(T + 1, dtype=torch.int32, device=src.device)
+    bounds[1:] = torch.cumsum(torch.bincount(index, minlength=T), 0)
+    block_n = min(triton.next_power_of_2(N), 1024)
+    grid = (T, triton.cdiv(N, block_n))
+    _segment_sum_kernel[grid](
+        src, order, bounds, out, N, src.stride(0), out.stride(0), BLOCK_N=block_n
+    )

@@ -1,0 +1,403 @@
+"""Mixture-of-experts MLP and grouped matmul: autograd Functions over the grouped GEMMs.
+
+    y[t] = sum_j weights[t, j] * (act(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e]),  e = expert_idx[t, j]
+
+Forward is two grouped GEMMs over the expert-sorted slots: the first gathers token rows
+x[slot // k] and fuses bias and activation; the second fuses bias, gate weight and the
+scatter back to slot order, and the k slots of each token are summed in a fixed order (for
+k = 1 the second GEMM writes token rows directly). Backward is one fused GEMM through the
+second layer and the activation, two weight-gradient GEMMs (x^T dy per expert) and one
+GEMM for dx, summed per token in the same fixed order: every result is bitwise the same
+from run to run. No launch reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import reference
+from .grouped_gemm import (
+    MIN_BLOCK_N,
+    launch_act_bwd,
+    launch_grouped_mm,
+    launch_grouped_wgrad,
+    launch_segment_sum,
+    launch_sum_slots,
+)
+from .reference import ACTIVATIONS, Routing
+from .utils import check_same_device, check_tensor, new_output, use_triton
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    """Placeholder for an output a custom op has no value for (custom ops return tensors)."""
+    return like.new_empty(0)
+
+
+# --- grouped_matmul ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("clasp::grouped_matmul_fwd", mutates_args=())
+def _grouped_matmul_fwd(
+    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None
+) -> torch.Tensor:
+    num_rows = x.shape[0] if gather_idx is None else gather_idx.shape[0]
+    out = new_output((num_rows, w.shape[2]), x.dtype, x.device)
+    launch_grouped_mm(x, w, out, offsets, num_rows, slots=gather_idx, gather=gather_idx is not None)
+    return out
+
+
+@_grouped_matmul_fwd.register_fake
+def _(x, w, offsets, gather_idx):
+    num_rows = x.shape[0] if gather_idx is None else gather_idx.shape[0]
+    return x.new_empty(num_rows, w.shape[2])
+
+
+@torch.library.custom_op("clasp::grouped_matmul_bwd", mutates_args=())
+def _grouped_matmul_bwd(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor,
+    gather_idx: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_rows = dout.shape[0]
+    dx = new_output(x.shape, x.dtype, x.device)
+    drows = dx if gather_idx is None else x.new_empty(num_rows, x.shape[1])
+    launch_grouped_mm(dout, w.transpose(1, 2), drows, offsets, num_rows)
+    if gather_idx is not None:
+        launch_segment_sum(drows, gather_idx, dx)
+    dw = new_output(w.shape, w.dtype, w.device)
+    launch_grouped_wgrad(x, dout, dw, offsets, slots=gather_idx, gather_a=gather_idx is not None)
+    return dx, dw
+
+
+@_grouped_matmul_bwd.register_fake
+def _(dout, x, w, offsets, gather_idx):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+class GroupedMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, offsets, gather_idx):
+        ctx.save_for_backward(x, w, offsets, gather_idx)
+        return _grouped_matmul_fwd(x, w, offsets, gather_idx)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w, offsets, gather_idx = ctx.saved_tensors
+        dx, dw = _grouped_matmul_bwd(dout, x, w, offsets, gather_idx)
+        return dx, dw, None, None
+
+
+def grouped_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor,
+    gather_idx: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-expert matmul of contiguous row segments: out[r] = rows[r] @ w[e] for
+    offsets[e] <= r < offsets[e+1], where rows = x, or x[gather_idx] gathered inside the GEMM.
+
+    Args:
+        x: (T, d) fp32, bf16 or fp16; any strides.
+        w: (E, d, f), x's dtype.
+        offsets: (E+1,) int32/int64, non-decreasing from 0; rows at or past offsets[E] are 0.
+        gather_idx: optional (M,) int32/int64 row indices into x.
+        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1), "triton" or "reference".
+    Returns:
+        (M, f) of x's dtype, M = T or len(gather_idx). Differentiable in x and w.
+    """
+    check_tensor("x", x, 2, FLOAT_DTYPES)
+    check_tensor("w", w, 3, FLOAT_DTYPES)
+    check_tensor("offsets", offsets, 1, INDEX_DTYPES)
+    if gather_idx is not None:
+        check_tensor("gather_idx", gather_idx, 1, INDEX_DTYPES)
+    check_same_device(x=x, w=w, offsets=offsets, gather_idx=gather_idx)
+    if w.dtype != x.dtype:
+        raise TypeError(f"w must have x's dtype {x.dtype}, got {w.dtype}; cast one of them")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"w must be (E, d={x.shape[1]}, f), got shape {tuple(w.shape)}")
+    if offsets.shape[0] != w.shape[0] + 1:
+        raise ValueError(
+            f"offsets must have E+1 = {w.shape[0] + 1} entries for w of shape "
+            f"{tuple(w.shape)}, got {offsets.shape[0]}"
+        )
+    if not use_triton(backend, x, w) or 0 in (x.shape[0], w.shape[0], w.shape[2]):
+        return reference.grouped_matmul(x, w, offsets, gather_idx)
+    offsets = offsets.to(torch.int32)
+    gather_idx = None if gather_idx is None else gather_idx.to(torch.int32)
+    return GroupedMatmul.apply(x, w, offsets, gather_idx)
+
+
+# --- moe_mlp ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("clasp::moe_mlp_fwd", mutates_args=())
+def _moe_mlp_fwd(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    offsets: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    top_k: int,
+    activation: str,
+    save_pre: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    T, d = x.shape
+    M, f = sorted_slots.shape[0], w1.shape[2]
+    gates = gates.reshape(-1)
+    h = torch.empty(M, f, dtype=x.dtype, device=x.device)
+    pre = new_output((M, f), x.dtype, x.device) if save_pre else _empty(x)
+    launch_grouped_mm(
+        x,
+        w1,
+        h,
+        offsets,
+        M,
+        slots=sorted_slots,
+        top_k=top_k,
+        gather=True,
+        bias=b1,
+        activation=activation,
+        pre=pre if save_pre else None,
+    )
+    y = new_output((T, d), x.dtype, x.device)
+    # With one slot per token the slot is the token: the GEMM writes y itself.
+    per_slot = y if top_k == 1 else torch.empty(M, d, dtype=x.dtype, device=x.device)
+    launch_grouped_mm(
+        h, w2, per_slot, offsets, M, slots=sorted_slots, scatter=True, bias=b2, gates=gates
+    )
+    if top_k > 1:
+        launch_sum_slots(per_slot, y, top_k)
+    return y, pre
+
+
+@_moe_mlp_fwd.register_fake
+def _(x, gates, w1, w2, b1, b2, offsets, sorted_slots, top_k, activation, save_pre):
+    pre_shape = (sorted_slots.shape[0], w1.shape[2]) if save_pre else (0,)
+    return torch.empty_like(x), x.new_empty(pre_shape)
+
+
+@torch.library.custom_op("clasp::moe_mlp_bwd", mutates_args=())
+def _moe_mlp_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    pre: torch.Tensor,
+    gates: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    offsets: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    top_k: int,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, f = pre.shape
+    flat_gates = gates.reshape(-1)
+    dpre = torch.empty_like(pre)
+    gated_h = torch.empty_like(pre)
+    # One partial <., .> per column tile of the widest tiling; the rest stay zero.
+    dgate_parts = torch.zeros(M, triton.cdiv(f, MIN_BLOCK_N), dtype=torch.float32, device=x.device)
+    launch_act_bwd(
+        dy,
+        w2,
+        pre,
+        dpre,
+        gated_h,
+        offsets,
+        sorted_slots,
+        flat_gates,
+        b2,
+        dgate_parts,
+        top_k,
+        activation,
+    )
+    dgates = new_output(gates.shape, torch.float32, x.device)
+    torch.sum(dgate_parts, dim=1, out=dgates.view(-1))
+
+    dw1 = new_output(w1.shape, w1.dtype, w1.device)
+    db1 = new_output(b1.shape, b1.dtype, b1.device) if b1 is not None else _empty(x)
+    launch_grouped_wgrad(
+        x,
+        dpre,
+        dw1,
+        offsets,
+        slots=sorted_slots,
+        top_k=top_k,
+        gather_a=True,
+        bias_grad=db1 if b1 is not None else None,
+    )
+    dw2 = new_output(w2.shape, w2.dtype, w2.device)
+    db2 = new_output(b2.shape, b2.dtype, b2.device) if b2 is not None else _empty(x)
+    launch_grouped_wgrad(
+        gated_h,
+        dy,
+        dw2,
+        offsets,
+        slots=sorted_slots,
+        top_k=top_k,
+        gather_b=True,
+        gates=flat_gates,
+        bias_grad=db2 if b2 is not None else None,
+    )
+
+    dx = new_output(x.shape, x.dtype, x.device)
+    per_slot = dx if top_k == 1 else torch.empty(M, x.shape[1], dtype=x.dtype, device=x.device)
+    launch_grouped_mm(
+        dpre, w1.transpose(1, 2), per_slot, offsets, M, slots=sorted_slots, scatter=True
+    )
+    if top_k > 1:
+        launch_sum_slots(per_slot, dx, top_k)
+    return dx, dgates, dw1, dw2, db1, db2
+
+
+@_moe_mlp_bwd.register_fake
+def _(dy, x, pre, gates, w1, w2, b1, b2, offsets, sorted_slots, top_k, activation):
+    db1 = torch.empty_like(b1) if b1 is not None else x.new_empty(0)
+    db2 = torch.empty_like(b2) if b2 is not None else x.new_empty(0)
+    dgates = gates.new_empty(gates.shape, dtype=torch.float32)
+    return torch.empty_like(x), dgates, torch.empty_like(w1), torch.empty_like(w2), db1, db2
+
+
+class MoEMLP(torch.autograd.Function):
+    """Saves x, the weights, the routing indices and the pre-activation (T*k, f); backward
+    recomputes the activation from it (fused into its first GEMM) instead of keeping a second
+    (T*k, f) tensor, and gets d(weights) from that GEMM's epilogue instead of keeping the
+    per-slot expert outputs."""
+
+    @staticmethod
+    def forward(ctx, x, gates, w1, w2, b1, b2, offsets, sorted_slots, top_k, activation, save):
+        y, pre = _moe_mlp_fwd(
+            x, gates, w1, w2, b1, b2, offsets, sorted_slots, top_k, activation, save
+        )
+        ctx.save_for_backward(x, pre, gates, w1, w2, b1, b2, offsets, sorted_slots)
+        ctx.top_k, ctx.activation = top_k, activation
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, pre, gates, w1, w2, b1, b2, offsets, sorted_slots = ctx.saved_tensors
+        dx, dgates, dw1, dw2, db1, db2 = _moe_mlp_bwd(
+            dy, x, pre, gates, w1, w2, b1, b2, offsets, sorted_slots, ctx.top_k, ctx.activation
+        )
+        return (
+            dx,
+            dgates,
+            dw1,
+            dw2,
+            db1 if b1 is not None else None,
+            db2 if b2 is not None else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _check_moe_inputs(x, routing, w1, w2, b1, b2, activation) -> None:
+    check_tensor("x", x, 2, FLOAT_DTYPES)
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a clasp.kernels.Routing, got {type(routing).__name__}")
+    check_tensor("routing.expert_idx", routing.expert_idx, 2, INDEX_DTYPES)
+    check_tensor("routing.weights", routing.weights, 2, FLOAT_DTYPES)
+    check_tensor("routing.offsets", routing.offsets, 1, INDEX_DTYPES)
+    check_tensor("routing.sorted_slots", routing.sorted_slots, 1, INDEX_DTYPES)
+    check_tensor("w1", w1, 3, FLOAT_DTYPES)
+    check_tensor("w2", w2, 3, FLOAT_DTYPES)
+    check_same_device(
+        x=x, weights=routing.weights, offsets=routing.offsets, w1=w1, w2=w2, b1=b1, b2=b2
+    )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    T, d = x.shape
+    E, _, f = w1.shape
+    if routing.expert_idx.shape[0] != T or routing.weights.shape != routing.expert_idx.shape:
+        raise ValueError(
+            f"routing is for {routing.expert_idx.shape[0]} tokens with weights of shape "
+            f"{tuple(routing.weights.shape)}, but x has {T} tokens: route x itself"
+        )
+    if routing.sorted_slots.shape[0] != routing.expert_idx.numel():
+        raise ValueError("routing.sorted_slots must list all T*k slots")
+    if routing.offsets.shape[0] != E + 1:
+        raise ValueError(f"routing has {routing.offsets.shape[0] - 1} experts, w1 has {E}")
+    if w1.shape != (E, d, f) or w2.shape != (E, f, d):
+        raise ValueError(
+            f"w1 must be (E, d, f) and w2 (E, f, d) with d={d}, got {tuple(w1.shape)} and "
+            f"{tuple(w2.shape)}"
+        )
+    for name, b, width in (("b1", b1, f), ("b2", b2, d)):
+        if b is not None:
+            check_tensor(name, b, 2, FLOAT_DTYPES)
+            if b.shape != (E, width):
+                raise ValueError(f"{name} must be ({E}, {width}), got {tuple(b.shape)}")
+
+
+def moe_mlp(
+    x: torch.Tensor,
+    routing: Routing,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: str = "gelu",
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mixture-of-experts MLP over routed tokens:
+    y[t] = sum_j weights[t, j] * (act(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e]), e = expert_idx[t, j].
+
+    Args:
+        x: (T, d) fp32, bf16 or fp16; any strides.
+        routing: the `Routing` of x's T tokens (from `route`): expert_idx (T, k), weights
+            (T, k), offsets (E+1,), sorted_slots (T*k,).
+        w1: (E, d, f); w2: (E, f, d); b1: (E, f) or None; b2: (E, d) or None.
+        activation: "gelu" (exact), "gelu_tanh" or "silu".
+        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1), "triton" or "reference".
+    Returns:
+        (T, d) of x's dtype (the autocast dtype under autocast, which casts x, weights and
+        biases). Differentiable in x, routing.weights, w1, w2, b1 and b2; backward is
+        deterministic. Saved for backward: x, weights, routing and the (T*k, f)
+        pre-activation; the activation itself is recomputed.
+    """
+    _check_moe_inputs(x, routing, w1, w2, b1, b2, activation)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
+        b1 = b1.to(dtype) if b1 is not None else None
+        b2 = b2.to(dtype) if b2 is not None else None
+    params = [t for t in (w1, w2, b1, b2) if t is not None]
+    if any(t.dtype != x.dtype for t in params):
+        raise TypeError(
+            f"w1, w2, b1 and b2 must have x's dtype {x.dtype}, got "
+            f"{[t.dtype for t in params]}; cast them or run under torch.autocast"
+        )
+    T, k = routing.expert_idx.shape
+    if not use_triton(backend, x, w1, w2) or 0 in (T, k, w1.shape[0], w1.shape[2]):
+        with torch.autocast(x.device.type, enabled=False):
+            return reference.moe_mlp(x, routing, w1, w2, b1, b2, activation)
+    gates = routing.weights.float()
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x, gates, *params])
+    return MoEMLP.apply(
+        x,
+        gates,
+        w1,
+        w2,
+        b1,
+        b2,
+        routing.offsets.to(torch.int32),
+        routing.sorted_slots.to(torch.int32),
+        k,
+        activation,
+        needs_grad,
+    )
