@@ -10,6 +10,7 @@ from .l2norm import l2_normalize
 from .moe_mlp import grouped_matmul, moe_mlp
 from .patch_text import patch_text_labels
 from .reference import PatchLabels, Routing
+from .routing import route
 from .utils import interpreter_active, poison_outputs
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "patch_text_labels",
     "poison_outputs",
     "reference",
+    "route",
 ]

@@ -1,0 +1,436 @@
+"""Fused prompt-conditioned top-k router: one pass over the tokens gives everything the MoE
+layer and its auxiliary losses need.
+
+Forward, two launches: the gate kernel computes logits = x @ w_gate + prompt_bias[b] per
+token block, softmax, top-k and the gate weights, and leaves per-block partials; the sort
+kernel turns those into counts, offsets, the stable expert-sorted slot order, probs_mean and
+z_loss. No host synchronisation and no float atomics: every reduction runs in a fixed
+order, so the same input gives bitwise the same routing. Backward, two launches plus two
+small on-device sums: d(logits) from the gradients on weights, probs_mean and z_loss, then
+dx = d(logits) @ w_gate^T, dw_gate = x^T @ d(logits) and d(prompt_bias) = sum over tokens.
+
+The fp32 logits are kept for the backward when a gradient is needed: at E experts they cost
+4 E bytes per token against the d * itemsize bytes of x that the backward would otherwise
+read again to recompute them (1/6 of it at E = 64, d = 768, bf16).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from . import reference
+from .reference import Routing
+from .routing_kernels import (
+    _route_bwd_dw_kernel,
+    _route_bwd_logits_kernel,
+    _route_fwd_kernel,
+    _route_sort_kernel,
+)
+from .utils import check_same_device, check_tensor, interpreter_active, new_output, use_triton
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_EXPERTS = 128
+MAX_TOP_K = 8
+# tl.dot needs every block dimension >= 16: fewer experts are padded and masked.
+MIN_BLOCK_E = 16
+
+
+def _block_e(E: int) -> int:
+    return max(MIN_BLOCK_E, triton.next_power_of_2(E))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sms(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _interpreter_block_d(D: int) -> int:
+    # The interpreter pays per program and per loop step: one step over small d.
+    return min(256, max(16, triton.next_power_of_2(D)))
+
+
+def _fwd_config(T: int, D: int, E: int, dtype: torch.dtype, device: torch.device) -> dict:
+    if interpreter_active():
+        return dict(BLOCK_T=64, BLOCK_D=_interpreter_block_d(D), num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        # The full-precision fp32 dot runs on CUDA cores: compute-bound, small tiles.
+        return dict(BLOCK_T=64, BLOCK_D=32, num_warps=4, num_stages=3)
+    block_e = _block_e(E)
+    # Bigger token blocks reuse each w_gate tile more; keep at least one block per SM.
+    block_t = 128 if block_e <= 64 and triton.cdiv(T, 128) >= _sms(device) else 64
+    warps = 8 if block_t * block_e >= 8192 else 4
+    return dict(BLOCK_T=block_t, BLOCK_D=64, num_warps=warps, num_stages=4)
+
+
+def _gate_operand(
+    w_gate: torch.Tensor, x_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """w_gate as the kernels read it: (w, w_lo or None, half_dot).
+
+    Half-precision x on a GPU takes the tensor-core dot; a w_gate of another dtype is then
+    split into hi + lo parts in x's dtype. fp32 x, and everything under the interpreter,
+    reads w_gate as it is and computes in fp32.
+    """
+    half_dot = x_dtype != torch.float32 and not interpreter_active()
+    if not half_dot or w_gate.dtype == x_dtype:
+        return w_gate, None, half_dot
+    w32 = w_gate.float()
+    hi = w32.to(x_dtype)
+    lo = (w32 - hi.float()).to(x_dtype)
+    return hi.contiguous(), lo.contiguous(), True
+
+
+@torch.library.custom_op("clasp::route_fwd", mutates_args=())
+def _route_fwd(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    prompt_bias: torch.Tensor,
+    top_k: int,
+    normalize: bool,
+    store_logits: bool,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    B, N, D = x.shape
+    E = w_gate.shape[1]
+    T = B * N
+    device = x.device
+    expert_idx = new_output((T, top_k), torch.int32, device)
+    weights = new_output((T, top_k), torch.float32, device)
+    counts = new_output((E,), torch.int32, device)
+    offsets = new_output((E + 1,), torch.int32, device)
+    sorted_slots = new_output((T * top_k,), torch.int32, device)
+    probs_mean = new_output((E,), torch.float32, device)
+    z_loss = new_output((), torch.float32, device)
+    logits = new_output((T if store_logits else 0, E), torch.float32, device)
+
+    config = _fwd_config(T, D, E, x.dtype, device)
+    block_t, block_e = config["BLOCK_T"], _block_e(E)
+    n_blocks = triton.cdiv(T, block_t)
+    block_counts = new_output((n_blocks, block_e), torch.int32, device)
+    block_probs = new_output((n_blocks, block_e), torch.float32, device)
+    block_zsq = new_output((n_blocks,), torch.float32, device)
+    w, w_lo, half_dot = _gate_operand(w_gate, x.dtype)
+    _route_fwd_kernel[(n_blocks,)](
+        x,
+        w,
+        w if w_lo is None else w_lo,
+        prompt_bias,
+        expert_idx,
+        weights,
+        logits,
+        block_counts,
+        block_probs,
+        block_zsq,
+        T,
+        N,
+        D,
+        E,
+        *x.stride(),
+        *w.stride(),
+        *prompt_bias.stride(),
+        K=top_k,
+        NORMALIZE=normalize,
+        STORE_LOGITS=store_logits,
+        HALF_DOT=half_dot,
+        HAS_W_LO=w_lo is not None,
+        BLOCK_E=block_e,
+        BLOCK_K=triton.next_power_of_2(top_k),
+        **config,
+    )
+
+    if interpreter_active() or device.type != "cuda":
+        # Two blocks per program: small tests still place slots after earlier programs' ones.
+        blocks_per_program = 2
+    else:
+        blocks_per_program = triton.cdiv(n_blocks, _sms(device))
+    n_programs = triton.cdiv(n_blocks, blocks_per_program) + 1
+    _route_sort_kernel[(n_programs,)](
+        expert_idx,
+        block_counts,
+        block_probs,
+        block_zsq,
+        sorted_slots,
+        counts,
+        offsets,
+        probs_mean,
+        z_loss,
+        T,
+        E,
+        n_blocks,
+        blocks_per_program,
+        K=top_k,
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        BLOCK_B=max(2, min(triton.next_power_of_2(n_blocks), 4096 // block_e)),
+        BLOCK_S=max(
+            16, min(triton.next_power_of_2(blocks_per_program * block_t * top_k), 8192 // block_e)
+        ),
+        num_warps=4,
+    )
+    return expert_idx, weights, counts, offsets, sorted_slots, probs_mean, z_loss, logits
+
+
+@_route_fwd.register_fake
+def _(x, w_gate, prompt_bias, top_k, normalize, store_logits):
+    B, N, _ = x.shape
+    E = w_gate.shape[1]
+    T = B * N
+    i32, f32 = torch.int32, torch.float32
+    return (
+        x.new_empty((T, top_k), dtype=i32),
+        x.new_empty((T, top_k), dtype=f32),
+        x.new_empty((E,), dtype=i32),
+        x.new_empty((E + 1,), dtype=i32),
+        x.new_empty((T * top_k,), dtype=i32),
+        x.new_empty((E,), dtype=f32),
+        x.new_empty((), dtype=f32),
+        x.new_empty((T if store_logits else 0, E), dtype=f32),
+    )
+
+
+def _bwd_config(D: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_D) of both backward kernels."""
+    if interpreter_active():
+        return 64, _interpreter_block_d(D)
+    return 64, (32 if dtype == torch.float32 else 128)
+
+
+@torch.library.custom_op("clasp::route_bwd", mutates_args=())
+def _route_bwd(
+    dweights: torch.Tensor | None,
+    dprobs_mean: torch.Tensor | None,
+    dz_loss: torch.Tensor | None,
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    expert_idx: torch.Tensor,
+    logits: torch.Tensor,
+    normalize: bool,
+    need_dx: bool,
+    need_dw: bool,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, N, D = x.shape
+    T, top_k = expert_idx.shape
+    E = w_gate.shape[1]
+    device = x.device
+    block_t, block_d = _bwd_config(D, x.dtype)
+    block_e = _block_e(E)
+    n_blocks = triton.cdiv(T, block_t)
+    warps = 8 if block_t * block_e >= 8192 else 4
+    dlogits = new_output((T, E), torch.float32, device)
+    dx = new_output((B, N, D) if need_dx else (0,), x.dtype, device)
+    w, w_lo, half_dot = _gate_operand(w_gate, x.dtype)
+    _route_bwd_logits_kernel[(n_blocks,)](
+        logits,
+        expert_idx,
+        logits if dweights is None else dweights,
+        logits if dprobs_mean is None else dprobs_mean,
+        logits if dz_loss is None else dz_loss,
+        w,
+        w if w_lo is None else w_lo,
+        dlogits,
+        dx,
+        T,
+        D,
+        E,
+        *w.stride(),
+        K=top_k,
+        NORMALIZE=normalize,
+        HAS_DWEIGHTS=dweights is not None,
+        HAS_DPROBS_MEAN=dprobs_mean is not None,
+        HAS_DZ_LOSS=dz_loss is not None,
+        COMPUTE_DX=need_dx,
+        HALF_DOT=half_dot,
+        HAS_W_LO=w_lo is not None,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+        BLOCK_E=block_e,
+        BLOCK_K=triton.next_power_of_2(top_k),
+        num_warps=warps,
+    )
+
+    dw = w_gate.new_empty((0,))
+    if need_dw:
+        d_blocks = triton.cdiv(D, block_d)
+        if interpreter_active() or device.type != "cuda":
+            splits = min(n_blocks, 2)
+        else:
+            # About one program per SM: each split adds a (D, E) fp32 partial to write and sum.
+            splits = max(1, min(n_blocks, _sms(device) // max(d_blocks, 1)))
+        blocks_per_split = triton.cdiv(n_blocks, splits)
+        splits = triton.cdiv(n_blocks, blocks_per_split)
+        partial = new_output((splits, D, E), torch.float32, device)
+        if D > 0:
+            _route_bwd_dw_kernel[(d_blocks, splits)](
+                x,
+                dlogits,
+                partial,
+                T,
+                N,
+                D,
+                E,
+                *x.stride(),
+                n_blocks,
+                blocks_per_split,
+                HALF_DOT=half_dot,
+                BLOCK_T=block_t,
+                BLOCK_D=block_d,
+                BLOCK_E=block_e,
+                num_warps=warps,
+            )
+        dw = partial.sum(0).to(w_gate.dtype)
+    dbias = logits.new_empty((0,))
+    if need_dbias:
+        dbias = dlogits.view(B, N, E).sum(1)
+    return dx, dw, dbias
+
+
+@_route_bwd.register_fake
+def _(
+    dweights,
+    dprobs_mean,
+    dz_loss,
+    x,
+    w_gate,
+    expert_idx,
+    logits,
+    normalize,
+    need_dx,
+    need_dw,
+    need_dbias,
+):
+    B, N, D = x.shape
+    E = w_gate.shape[1]
+    return (
+        x.new_empty((B, N, D) if need_dx else (0,)),
+        w_gate.new_empty((D, E) if need_dw else (0,)),
+        logits.new_empty((B, E) if need_dbias else (0,)),
+    )
+
+
+class _RouteFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_gate, prompt_bias, top_k: int, normalize: bool, store_logits: bool):
+        *routing, logits = _route_fwd(x, w_gate, prompt_bias, top_k, normalize, store_logits)
+        expert_idx, _, counts, offsets, sorted_slots, _, _ = routing
+        ctx.mark_non_differentiable(expert_idx, counts, offsets, sorted_slots)
+        ctx.save_for_backward(x, w_gate, expert_idx, logits)
+        ctx.normalize = normalize
+        ctx.bias_dtype = prompt_bias.dtype
+        ctx.set_materialize_grads(False)
+        return tuple(routing)
+
+    @staticmethod
+    def backward(ctx, _idx, dweights, _counts, _offsets, _slots, dprobs_mean, dz_loss):
+        x, w_gate, expert_idx, logits = ctx.saved_tensors
+        need_dx, need_dw, need_dbias = ctx.needs_input_grad[:3]
+        if dweights is None and dprobs_mean is None and dz_loss is None:
+            return (None,) * 6
+        if logits.shape[0] != expert_idx.shape[0]:
+            raise RuntimeError("route: backward through a call made with gradients disabled")
+        dx, dw, dbias = _route_bwd(
+            None if dweights is None else dweights.contiguous(),
+            None if dprobs_mean is None else dprobs_mean.contiguous(),
+            dz_loss,
+            x,
+            w_gate,
+            expert_idx,
+            logits,
+            ctx.normalize,
+            need_dx,
+            need_dw,
+            need_dbias,
+        )
+        return (
+            dx if need_dx else None,
+            dw if need_dw else None,
+            dbias.to(ctx.bias_dtype) if need_dbias else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _check_inputs(x, w_gate, prompt_bias, top_k) -> None:
+    check_tensor("x", x, 3, DTYPES)
+    check_tensor("w_gate", w_gate, 2, DTYPES)
+    check_tensor("prompt_bias", prompt_bias, 2, DTYPES)
+    check_same_device(x=x, w_gate=w_gate, prompt_bias=prompt_bias)
+    B, N, d = x.shape
+    d_gate, E = w_gate.shape
+    if d_gate != d:
+        raise ValueError(
+            f"w_gate must be (d, E) with d = {d} (the last dimension of x), got shape "
+            f"{tuple(w_gate.shape)}"
+        )
+    if not 1 <= E <= MAX_EXPERTS:
+        raise ValueError(f"the number of experts E must be in [1, {MAX_EXPERTS}], got {E}")
+    if tuple(prompt_bias.shape) != (B, E):
+        raise ValueError(
+            f"prompt_bias must be (B, E) = ({B}, {E}), one row of expert biases per sample, "
+            f"got shape {tuple(prompt_bias.shape)}"
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if not 1 <= top_k <= min(E, MAX_TOP_K):
+        raise ValueError(
+            f"top_k must be in [1, min(E, {MAX_TOP_K})] = [1, {min(E, MAX_TOP_K)}] for E = {E} "
+            f"experts, got {top_k}"
+        )
+
+
+def route(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    prompt_bias: torch.Tensor,
+    top_k: int,
+    *,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> Routing:
+    """Route each of the T = B * N tokens to its top_k experts, steered by a per-sample prompt.
+
+    logits = x @ w_gate + prompt_bias[b] (fp32), probs = softmax over the E experts; each token
+    takes the top_k experts by probability (ties to the lower index), with their probabilities
+    as gate weights, renormalised to sum to 1 when `normalize`.
+
+    Args:
+        x: (B, N, d) tokens, fp32, bf16 or fp16; any strides.
+        w_gate: (d, E) gate weights, 1 <= E <= 128; any of the three dtypes and strides.
+        prompt_bias: (B, E) the task prompt's contribution to each sample's logits.
+        top_k: experts per token, 1 <= top_k <= min(E, 8).
+        normalize: renormalise the top_k probabilities of each token to sum to 1.
+        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1), "triton" or "reference".
+    Returns:
+        Routing with expert_idx (T, top_k) int32 (by descending probability), weights
+        (T, top_k) fp32, counts (E,) int32, offsets (E + 1,) int32, sorted_slots (T * top_k,)
+        int32 (slot t * top_k + j grouped by expert, ascending within one), probs_mean (E,)
+        fp32 and z_loss () fp32 (mean of logsumexp(logits)^2). weights, probs_mean and z_loss
+        are differentiable with respect to x, w_gate and prompt_bias.
+    """
+    _check_inputs(x, w_gate, prompt_bias, top_k)
+    B, N, _ = x.shape
+    if not use_triton(backend, x, w_gate, prompt_bias) or B * N == 0:
+        return reference.route(x, w_gate, prompt_bias, top_k, normalize=normalize)
+    # The backward reads the saved fp32 logits; inference skips writing them.
+    store_logits = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, w_gate, prompt_bias)
+    )
+    return Routing(
+        *_RouteFunction.apply(x, w_gate, prompt_bias, top_k, bool(normalize), store_logits)
+    )
