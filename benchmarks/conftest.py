@@ -47,9 +47,11 @@ def measure(benchmark, device, peaks):
         )
         if bytes is not None:
             entry["tbps"] = bytes / seconds / 1e12
+            entry["peak_tbps"] = peaks.copy_tbps  # runs merged into one file differ in peak
             entry["fraction_of_peak"] = entry["tbps"] / peaks.copy_tbps
         if flops is not None:
             entry["tflops"] = flops / seconds / 1e12
+            entry["peak_tflops"] = peaks.matmul_tflops
             entry["fraction_of_peak"] = entry["tflops"] / peaks.matmul_tflops
         benchmark.extra_info.update(entry)
         _entries.append(entry)

@@ -131,7 +131,9 @@ def result_key(entry: dict) -> tuple:
 
 
 def write_results(device: torch.device, peaks: Peaks, entries: list[dict]) -> str:
-    """Merge entries into results/<device>-<date>.json (a rerun replaces matching entries)."""
+    """Merge entries into results/<device>-<date>.json (a rerun replaces matching entries).
+
+    The file-level peaks are the latest run's; each entry keeps the peak it was divided by."""
     env = environment(device, peaks)
     path = os.path.join(RESULTS_DIR, f"{device_slug(device)}-{env['date']}.json")
     merged = {}
