@@ -110,29 +110,15 @@ def _patch_text_labels_kernel(
         )
 
 
-def _configs() -> list[triton.Config]:
+def _launch_config(D: int) -> dict:
+    """A fixed function of the shape, not autotuned: a different block over D would change
+    the fp32 summation order, and with it near-tied labels, from one process to the next,
+    and a resumed labeling run must reproduce the labels of an uninterrupted one."""
     if interpreter_active():
         # Large blocks: the interpreter pays per program and per loop step.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_D": d}, num_warps=w, num_stages=s)
-        for m, d, w, s in [
-            (64, 64, 4, 3),
-            (64, 128, 4, 3),
-            (64, 128, 8, 3),
-            (128, 64, 8, 3),
-            (128, 128, 8, 2),
-            (32, 128, 4, 4),
-            (128, 64, 4, 4),
-            (32, 256, 4, 3),
-        ]
-    ]
-
-
-_kernel = triton.autotune(
-    configs=_configs(),
-    key=["D", "BLOCK_C", "SPLIT_TEXT", "DOT_PRECISION", "WRITE_PROBS"],
-)(_patch_text_labels_kernel)
+        return dict(BLOCK_M=64, BLOCK_D=64, num_warps=4)
+    block_d = min(128, max(16, triton.next_power_of_2(D)))
+    return dict(BLOCK_M=64, BLOCK_D=block_d, num_warps=4, num_stages=3)
 
 
 def _block_c(C: int) -> int:
@@ -180,8 +166,9 @@ def _patch_text_labels_op(
     text_operand, split = _text_operand(text, patches.dtype)
     # Without tensor cores in the interpreter, any precision is exact fp32.
     precision = "ieee" if interpreter_active() else "tf32x3"
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-    _kernel[grid](
+    config = _launch_config(D)
+    grid = (triton.cdiv(M, config["BLOCK_M"]),)
+    _patch_text_labels_kernel[grid](
         patches,
         text_operand,
         labels,
@@ -202,6 +189,7 @@ def _patch_text_labels_op(
         DOT_PRECISION=precision,
         HAS_THRESHOLD=has_threshold,
         WRITE_PROBS=return_probs,
+        **config,
     )
     return labels, confidence, probs
 

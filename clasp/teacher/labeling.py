@@ -22,7 +22,7 @@ from tqdm import tqdm
 from clasp.data.images import ImageReadError, list_images, read_rgb
 
 from . import DENSE_MODES, RANDOM_WEIGHTS
-from .cache import LabelCache, LabelCacheWriter, file_sha256
+from .cache import CacheMismatchError, LabelCache, LabelCacheWriter, file_sha256
 from .prompts import Prompts, load_prompts
 
 if TYPE_CHECKING:  # open_clip takes seconds to import: only `main` and callers load it
@@ -89,7 +89,7 @@ class _Decode(torch.utils.data.Dataset):
 
 
 def label_folder(
-    images: str,
+    images: str | list[str],
     out: str,
     teacher: ClipTeacher,
     prompts: Prompts,
@@ -102,7 +102,8 @@ def label_folder(
     backend: str = "auto",
     progress: bool = True,
 ) -> LabelingReport:
-    """Label every image under `images` not yet in the cache at `out` (see module doc)."""
+    """Label every image under the folder `images` (or in the list of paths `images`) that
+    is not yet in the cache at `out` (see the module doc)."""
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be at least 1")
     # Shards hold whole batches, so a resumed run batches images exactly as before.
@@ -113,7 +114,8 @@ def label_folder(
     report = LabelingReport()
 
     pending, seen = [], set(writer.done)
-    for path in tqdm(list_images(images), desc="hashing", unit="img", disable=not progress):
+    paths = list_images(images) if isinstance(images, str) else images
+    for path in tqdm(paths, desc="hashing", unit="img", disable=not progress):
         try:
             sha = file_sha256(path)
         except OSError as error:
@@ -263,25 +265,25 @@ def main(args: argparse.Namespace) -> int:
     if pretrained is None and not os.path.isdir(args.teacher):
         pretrained = DEFAULT_PRETRAINED
     try:
+        paths = list_images(args.images)  # before the model: a wrong folder fails at once
+        prompts = load_prompts(args.prompts)
         teacher = load_teacher(args.teacher, pretrained, device=args.device, dense=args.dense)
-    except TeacherLoadError as error:
+        report = label_folder(
+            paths,
+            args.out,
+            teacher,
+            prompts,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            temperature=args.temperature,
+            threshold=None if args.threshold < 0 else args.threshold,
+            workers=args.workers,
+            backend=args.backend,
+            progress=not args.no_progress,
+        )
+    except (TeacherLoadError, CacheMismatchError, OSError, ValueError) as error:
         log.error("%s", error)
         return 2
-    prompts = load_prompts(args.prompts)
-    threshold = None if args.threshold < 0 else args.threshold
-    report = label_folder(
-        args.images,
-        args.out,
-        teacher,
-        prompts,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        temperature=args.temperature,
-        threshold=threshold,
-        workers=args.workers,
-        backend=args.backend,
-        progress=not args.no_progress,
-    )
     cache = LabelCache(args.out)
     log.info(
         "labelled %d images in %.1f s (%.1f images/s), %d already cached, %d unreadable "
@@ -299,8 +301,7 @@ def main(args: argparse.Namespace) -> int:
     if args.visualize > 0:
         from .visualize import write_overlays
 
-        written = write_overlays(
-            cache, args.images, os.path.join(args.out, "visualize"), args.visualize
-        )
-        log.info("wrote %d part overlays to %s", len(written), os.path.join(args.out, "visualize"))
+        folder = os.path.join(args.out, "visualize")
+        written = write_overlays(cache, paths, folder, args.visualize)
+        log.info("wrote %d part overlays to %s", len(written), folder)
     return 0

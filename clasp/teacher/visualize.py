@@ -61,11 +61,16 @@ def overlay(image: Image.Image, parts: torch.Tensor, part_names: list[str]) -> I
     return canvas
 
 
-def write_overlays(cache: LabelCache, images: str, out_dir: str, count: int) -> list[str]:
-    """Overlays of the first `count` images under `images` (sorted) that the cache labels."""
+def write_overlays(
+    cache: LabelCache, images: str | list[str], out_dir: str, count: int
+) -> list[str]:
+    """Overlays of the first `count` images that the cache labels, from a folder (sorted) or
+    a list of paths."""
     os.makedirs(out_dir, exist_ok=True)
+    paths = list_images(images) if isinstance(images, str) else images
+    root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
     written = []
-    for path in list_images(images):
+    for path in paths:
         if len(written) >= count:
             break
         labels = cache.get(file_sha256(path))
@@ -75,7 +80,7 @@ def write_overlays(cache: LabelCache, images: str, out_dir: str, count: int) -> 
             image = read_rgb(path)
         except ImageReadError:
             continue
-        stem = os.path.splitext(os.path.relpath(path, images))[0].replace(os.sep, "__")
+        stem = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "__")
         target = os.path.join(out_dir, f"{stem}.png")
         overlay(image, labels["parts"], cache.part_names).save(target)
         written.append(target)
