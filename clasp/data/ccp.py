@@ -97,7 +97,9 @@ class CCPDataset(PersonDataset):
         path = self.mask_paths[index]
         try:
             mask = np.asarray(scipy.io.loadmat(path)["groundtruth"], dtype=np.int64)
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except Exception as error:  # scipy's parser raises many types on a corrupt file
+            if isinstance(error, FileNotFoundError):
+                raise
             raise LabelReadError(path, f"{type(error).__name__}: {error}") from error
         if mask.shape != tuple(sample["image"].shape[1:]):
             raise LabelReadError(path, f"mask {mask.shape} does not match the photo")

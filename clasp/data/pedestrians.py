@@ -67,9 +67,10 @@ def check_vocabulary(groups: dict[str, list[str]]) -> dict[str, tuple[str, ...]]
         ]
     if problems:
         raise ValueError(
-            "the synthetic renderer cannot draw " + ", ".join(problems)
+            "the synthetic renderer cannot draw "
+            + ", ".join(problems)
             + f"; drawable groups and values: {DRAWABLE}"
-        )  # fmt: skip
+        )
     return {g: tuple(groups.get(g) or DEFAULT_VALUES.get(g, vs)) for g, vs in DRAWABLE.items()}
 
 
@@ -110,7 +111,7 @@ def sample_identity(seed: int, pid: int, values: dict[str, tuple[str, ...]]) -> 
     a["upper_color"] = _pick(rng, values["upper_color"], {})
     a["lower_type"] = _pick(
         rng, values["lower_type"], {"trousers": 1.0, "shorts": 0.5, "skirt": 1.0 if female else 0.0}
-    )  # fmt: skip
+    )
     a["lower_color"] = _pick(rng, values["lower_color"], {})
     a["bag"] = _pick(rng, values["bag"], {"none": 2.0, "backpack": 1.0, "handbag": 1.0})
     a["hat"] = _pick(rng, values["hat"], {"none": 3.0, "hat": 1.0})

@@ -156,16 +156,26 @@ def render(
             lateral = sign * (1.0 if view == "front" else -1.0)  # image x direction of this side
             foreshorten = 1.0 - 0.2 * abs(swing)
             shoulder = (cx + lateral * (shoulder_hw - 0.6 * arm_r), shoulder_y + 0.5 * arm_r)
-            elbow = (shoulder[0] + lateral * upper_arm * math.sin(abduction),
-                     shoulder[1] + upper_arm * math.cos(abduction) * foreshorten)  # fmt: skip
-            wrist = (elbow[0] + lateral * forearm * math.sin(0.6 * abduction),
-                     elbow[1] + forearm * math.cos(0.6 * abduction) * foreshorten)  # fmt: skip
+            elbow = (
+                shoulder[0] + lateral * upper_arm * math.sin(abduction),
+                shoulder[1] + upper_arm * math.cos(abduction) * foreshorten,
+            )
+            wrist = (
+                elbow[0] + lateral * forearm * math.sin(0.6 * abduction),
+                elbow[1] + forearm * math.cos(0.6 * abduction) * foreshorten,
+            )
             lift = 0.035 * fh * max(0.0, math.sin(phase) * sign)
             hip = (cx + lateral * 0.5 * hip_hw, hip_y)
             knee = (cx + lateral * (0.5 * hip_hw + 0.005 * fh), knee_y - 0.5 * lift)
             ankle = (cx + lateral * (0.5 * hip_hw + 0.01 * fh), ankle_y - lift)
-        for name, point in (("shoulder", shoulder), ("elbow", elbow), ("wrist", wrist),
-                            ("hip", hip), ("knee", knee), ("ankle", ankle)):  # fmt: skip
+        for name, point in (
+            ("shoulder", shoulder),
+            ("elbow", elbow),
+            ("wrist", wrist),
+            ("hip", hip),
+            ("knee", knee),
+            ("ankle", ankle),
+        ):
             joints[f"{side}_{name}"] = point
 
     canvas = _Canvas(camera.background)
@@ -184,8 +194,12 @@ def render(
                 canvas.capsule(hip, _towards(hip, knee, 0.6), 1.12 * thigh_r), lower_rgb, LOWER
             )
         forward = facing * 0.02 * fh if side_view else 0.0
-        foot = canvas.ellipse(ankle[0] + forward, ankle[1] + 0.02 * fh,
-                              (0.045 if side_view else 0.035) * fh, 0.022 * fh)  # fmt: skip
+        foot = canvas.ellipse(
+            ankle[0] + forward,
+            ankle[1] + 0.02 * fh,
+            (0.045 if side_view else 0.035) * fh,
+            0.022 * fh,
+        )
         canvas.paint(foot, shoe_rgb, FEET)
 
     def draw_arm(side):
@@ -257,7 +271,7 @@ def render(
         ) | canvas.capsule(joints["left_shoulder"], joints["right_shoulder"], 1.1 * arm_r)
         canvas.paint(torso, upper_rgb, UPPER)
         if identity.stripe_period:
-            stripes = torso & (((canvas.yy - top) / (identity.stripe_period * fh)) % 1.0 < 0.45)
+            stripes = torso & (((canvas.yy - top) / (identity.stripe_period * fh)) % 1.0 < 0.3)
             darker = upper_rgb * 0.6 if upper_rgb.mean() > 60 else upper_rgb + 45
             canvas.image[stripes] = darker
         if a["lower_type"] == "skirt":
@@ -296,8 +310,11 @@ def render(
             if view == "back":
                 hang = canvas.band([head_cy, hair_end], [1.1 * head_rx] * 2, [head_cx] * 2)
             else:
-                hang = canvas.band([head_cy - 0.5 * head_ry, hair_end], [0.45 * head_rx] * 2,
-                                   [head_cx - facing * 0.65 * head_rx] * 2)  # fmt: skip
+                hang = canvas.band(
+                    [head_cy - 0.5 * head_ry, hair_end],
+                    [0.45 * head_rx] * 2,
+                    [head_cx - facing * 0.65 * head_rx] * 2,
+                )
             canvas.paint(hang, hair_rgb, HEAD)
         elif long_hair:
             for lateral in (-1.0, 1.0):

@@ -264,10 +264,18 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         meta = generate(
-            args.out, args.ids, args.images_per_id, args.cameras, args.size, args.seed,
-            workers=args.workers, occlusion=args.occlusion, train_fraction=args.train_fraction,
-            prompts_path=args.prompts, overwrite=args.force,
-        )  # fmt: skip
+            args.out,
+            args.ids,
+            args.images_per_id,
+            args.cameras,
+            args.size,
+            args.seed,
+            workers=args.workers,
+            occlusion=args.occlusion,
+            train_fraction=args.train_fraction,
+            prompts_path=args.prompts,
+            overwrite=args.force,
+        )
     except (ValueError, FileExistsError) as error:
         print(f"clasp synth: {error}", file=sys.stderr)
         return 2

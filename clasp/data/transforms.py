@@ -328,18 +328,21 @@ class EvalTransform:
         return out
 
 
-def collate_samples(samples: list) -> dict | None:
+def collate_samples(samples: list) -> dict:
     """Batch sample dicts: tensors of one shape are stacked, numbers become tensors, strings
-    and anything ragged stay lists, lists of crops become lists of stacked crops, and dicts
-    recurse. Unreadable samples (FailedSample) are dropped; their paths, and those replaced
-    by a dataset with on_error="replace", are listed in batch["skipped"]. Returns None when
-    every sample of the batch failed."""
+    and anything ragged stay lists (None where a sample lacks the key), lists of crops become
+    lists of stacked crops, and dicts recurse.
+
+    Unreadable samples (FailedSample) are dropped; their paths, and those a dataset with
+    on_error="replace" skipped, are listed in batch["skipped"]. When every sample of a batch
+    failed, the batch is {"index": empty tensor, "skipped": [...]}: skip it when
+    `len(batch["index"]) == 0`."""
     kept = [s for s in samples if not isinstance(s, FailedSample)]
     skipped = [s.path for s in samples if isinstance(s, FailedSample)]
     for s in kept:
         skipped += s.get("skipped", [])
     if not kept:
-        return None
+        return {"index": torch.zeros(0, dtype=torch.int64), "skipped": skipped}
     keys = list(dict.fromkeys(k for s in kept for k in s if k != "skipped"))
     batch = {k: _collate([s.get(k) for s in kept]) for k in keys}
     batch["skipped"] = skipped
