@@ -7,7 +7,7 @@ Depends on torch and triton only.
 
 from . import reference
 from .l2norm import l2_normalize
-from .moe_mlp import grouped_matmul, moe_mlp
+from .moe import grouped_matmul, moe_mlp
 from .patch_text import patch_text_labels
 from .reference import PatchLabels, Routing
 from .routing import route

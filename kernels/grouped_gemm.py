@@ -230,7 +230,10 @@ def _grouped_mm_kernel(
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "HAS_BIAS", "ACTIVATION"])
+# Configs with wider column tiles write fewer partial columns: zero them between tuning runs.
+@triton.autotune(
+    configs=GEMM_CONFIGS, key=["N", "K", "HAS_BIAS", "ACTIVATION"], reset_to_zero=["dgate_ptr"]
+)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _grouped_mm_act_bwd_kernel(
@@ -361,23 +364,51 @@ def _grouped_wgrad_kernel(
     GROUP_M: tl.constexpr,
 ):
     """out[e] = A_e^T @ B_e over expert e's rows (zero for an empty expert): (Dm, Dn) per
-    expert, with A (rows, Dm) and B (rows, Dn); the rows are the reduction axis."""
+    expert, with A (rows, Dm) and B (rows, Dn); the rows are the reduction axis. With
+    BIAS_GRAD, programs past the GEMM tiles sum B over the rows into bias_grad[e], one per
+    column tile, which keeps the GEMM loop free of register uses of its operands."""
     expert = tl.program_id(1)
+    pid = tl.program_id(0)
     num_pid_n = tl.cdiv(Dn, BLOCK_N)
-    pid_m = tl.program_id(0) // num_pid_n
-    pid_n = tl.program_id(0) % num_pid_n
+    num_tiles = tl.cdiv(Dm, BLOCK_M) * num_pid_n
     lo = tl.load(offsets_ptr + expert)
     hi = tl.load(offsets_ptr + expert + 1)
+    if BIAS_GRAD:
+        if pid >= num_tiles:
+            cols_n = (pid - num_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = cols_n < Dn
+            bias_acc = tl.zeros((BLOCK_N,), tl.float32)
+            for r0 in range(lo, hi, BLOCK_K):
+                rows = r0 + tl.arange(0, BLOCK_K)
+                row_mask = rows < hi
+                slots = tl.load(slots_ptr + rows, mask=row_mask, other=0)
+                if GATHER_B:
+                    b_rows = (slots // top_k).to(tl.int64)
+                else:
+                    b_rows = rows.to(tl.int64)
+                b = tl.load(
+                    b_ptr + b_rows[:, None] * stride_bm + cols_n[None, :] * stride_bn,
+                    mask=row_mask[:, None] & mask_n[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                if GATE_BIAS:
+                    b *= tl.load(gate_ptr + slots, mask=row_mask, other=0.0)[:, None]
+                bias_acc += tl.sum(b, axis=0)
+            bias_ptrs = bias_grad_ptr + expert * stride_ge + cols_n
+            tl.store(bias_ptrs, bias_acc.to(bias_grad_ptr.dtype.element_ty), mask=mask_n)
+            return
+
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
     cols_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = cols_m < Dm
     mask_n = cols_n < Dn
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    bias_acc = tl.zeros((BLOCK_N,), tl.float32)
     for r0 in range(lo, hi, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
         row_mask = rows < hi
-        if GATHER_A or GATHER_B or GATE_BIAS:
+        if GATHER_A or GATHER_B:
             slots = tl.load(slots_ptr + rows, mask=row_mask, other=0)
         if GATHER_A:
             a_rows = (slots // top_k).to(tl.int64)
@@ -387,9 +418,9 @@ def _grouped_wgrad_kernel(
             b_rows = (slots // top_k).to(tl.int64)
         else:
             b_rows = rows.to(tl.int64)
-        a_t = tl.load(
-            a_ptr + a_rows[None, :] * stride_am + cols_m[:, None] * stride_ak,
-            mask=mask_m[:, None] & row_mask[None, :],
+        a = tl.load(
+            a_ptr + a_rows[:, None] * stride_am + cols_m[None, :] * stride_ak,
+            mask=row_mask[:, None] & mask_m[None, :],
             other=0.0,
         )
         b = tl.load(
@@ -397,13 +428,7 @@ def _grouped_wgrad_kernel(
             mask=row_mask[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc = tl.dot(a_t.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-        if BIAS_GRAD:
-            if pid_m == 0:
-                b = b.to(tl.float32)
-                if GATE_BIAS:
-                    b *= tl.load(gate_ptr + slots, mask=row_mask, other=0.0)[:, None]
-                bias_acc += tl.sum(b, axis=0)
+        acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
     out_offs = cols_m[:, None] * stride_om + cols_n[None, :] * stride_on
     out_base = out_ptr + expert.to(tl.int64) * stride_oe
     tl.store(
@@ -411,10 +436,6 @@ def _grouped_wgrad_kernel(
         acc.to(out_ptr.dtype.element_ty),
         mask=mask_m[:, None] & mask_n[None, :],
     )
-    if BIAS_GRAD:
-        if pid_m == 0:
-            bias_ptrs = bias_grad_ptr + expert * stride_ge + cols_n
-            tl.store(bias_ptrs, bias_acc.to(bias_grad_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -601,8 +622,9 @@ def launch_grouped_wgrad(
     column sums of b_e, each row scaled by gates[slots[r]] when gates are given. Rows are
     gathered by slots[r] // top_k where asked."""
     E, Dm, Dn = out.shape
+    has_bias = bias_grad is not None
     grid = lambda meta: (  # noqa: E731
-        triton.cdiv(Dm, meta["BLOCK_M"]) * triton.cdiv(Dn, meta["BLOCK_N"]),
+        (triton.cdiv(Dm, meta["BLOCK_M"]) + has_bias) * triton.cdiv(Dn, meta["BLOCK_N"]),
         E,
     )
     _grouped_wgrad_kernel[grid](
