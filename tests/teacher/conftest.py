@@ -24,7 +24,9 @@ N_PETA_IMAGES = 20
 def build_once(tmp_path_factory, name: str, build) -> str:
     """A folder built by the first xdist worker that asks and shared by all of them (it is
     read-only for tests): `build(path)` runs once per session under a file lock."""
-    root = tmp_path_factory.getbasetemp().parent
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above the per-worker ones
     path, done = root / name, root / f"{name}.done"
     with FileLock(str(root / f"{name}.lock")):
         if not done.exists():
