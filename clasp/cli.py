@@ -12,6 +12,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("clasp.data.synthetic", "generate a synthetic pedestrian set with full ground truth"),
     "label": ("clasp.teacher.labeling", "label an image folder with the CLIP teacher into a cache"),
+    "pretrain": ("clasp.train.pretrain", "pre-train a PC-MoE ViT backbone (DDP under torchrun)"),
+    "export": ("clasp.train.export", "export a checkpoint's backbone to a safetensors file"),
+    "eval": ("clasp.eval.cli", "evaluate frozen features: re-ID, attributes, parsing, pose"),
+    "teacher": ("clasp.teacher.fit", "fit a small open_clip teacher offline (clasp teacher fit)"),
 }
 
 

@@ -21,8 +21,9 @@ class AttributeLoss(nn.Module):
                 f"{tuple(logits.shape)}"
             )
         known = ~torch.isnan(targets)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
         per_attribute = F.binary_cross_entropy_with_logits(
-            logits.float(), torch.where(known, targets, 0.0).float(), reduction="none"
+            logits.to(dtype), torch.where(known, targets, 0.0).to(dtype), reduction="none"
         )
         counts = known.sum(1)
         loss = (per_attribute * known).sum(1) / counts.clamp_min(1)

@@ -25,7 +25,7 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def teacher_targets(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """(G*B, K) teacher logits -> (G*B, K) centred, sharpened probabilities (fp32)."""
-        return F.softmax((teacher_output.float() - self.center) / teacher_temp, dim=-1)
+        return F.softmax((_at_least_fp32(teacher_output) - self.center) / teacher_temp, dim=-1)
 
     def forward(
         self,
@@ -40,10 +40,10 @@ class DINOLoss(nn.Module):
         student_global (G*B, K), student_local (L*B, K) or None, teacher_targets (G*B, K);
         crops crop-major (rows c*B .. c*B+B-1 are crop c of the B samples)."""
         targets = teacher_targets.chunk(n_global)
-        students = list(student_global.float().chunk(n_global))
+        students = list(_at_least_fp32(student_global).chunk(n_global))
         if student_local is not None:
             B = targets[0].shape[0]
-            students += list(student_local.float().split(B))
+            students += list(_at_least_fp32(student_local).split(B))
         log_probs = [F.log_softmax(s / self.student_temp, dim=-1) for s in students]
         total = torch.zeros_like(targets[0][:, 0])
         pairs = 0
@@ -67,3 +67,7 @@ class DINOLoss(nn.Module):
             dist.all_reduce(count)
         batch_mean = batch_sum / count
         self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1 - self.center_momentum)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))

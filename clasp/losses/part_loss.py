@@ -28,7 +28,7 @@ class PartLoss(nn.Module):
             )
         N, C = logits.shape[0], logits.shape[-1]
         per_patch = F.cross_entropy(
-            logits.float().reshape(-1, C),
+            logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, C),
             labels.reshape(-1),
             ignore_index=self.ignore_index,
             reduction="none",

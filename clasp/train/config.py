@@ -1,0 +1,87 @@
+"""Default pre-training config; a YAML file and `key.sub=value` overrides are merged over it."""
+
+from __future__ import annotations
+
+from clasp.model import HEAD_DEFAULTS, MODEL_DEFAULTS, TASKS
+
+DEFAULTS = {
+    "seed": 0,
+    "output_dir": "runs/clasp",
+    "model": MODEL_DEFAULTS,
+    "prompt_init": {
+        # Initialise the task prompts from CLIP text embeddings of the task descriptions.
+        "teacher": None,  # open_clip model name or folder (None: random prompts)
+        "pretrained": None,  # pretrained tag or weights file for a model name
+    },
+    "heads": HEAD_DEFAULTS,
+    "data": {
+        "format": "synth",  # any clasp.data format with images: synth, folder, market, ...
+        "root": None,
+        "split": None,  # None: the format's default split
+        "labels": None,  # label cache folder from `clasp label`; None: no pseudo-label losses
+        "batch_size": 32,  # per process
+        "num_workers": 2,
+    },
+    "crops": {
+        "n_global": 2,
+        "n_local": 4,
+        "local_size": [64, 32],  # the global size is model.img_size
+        "global_scale": [0.4, 1.0],
+        "local_scale": [0.1, 0.4],
+        "flip_p": 0.5,
+        "color_jitter": [0.4, 0.4, 0.2, 0.1],
+        "jitter_p": 0.8,
+        "grayscale_p": 0.2,
+    },
+    "tasks": {
+        # Each sample draws a task with these relative probabilities ...
+        "sampling": {task: 1.0 for task in TASKS},
+        # ... and its losses are weighted by its task's row (SOLIDER-style per-sample weights).
+        "loss_weights": {
+            "reid": {"dino": 1.0, "part": 0.0, "attribute": 0.0},
+            "attributes": {"dino": 1.0, "part": 0.0, "attribute": 1.0},
+            "parsing": {"dino": 1.0, "part": 1.0, "attribute": 0.0},
+            "pose": {"dino": 1.0, "part": 1.0, "attribute": 0.0},
+            "generic": {"dino": 1.0, "part": 0.5, "attribute": 0.5},
+        },
+    },
+    "loss": {
+        "dino": 1.0,
+        "part": 1.0,
+        "attribute": 1.0,
+        "load_balance": 0.01,
+        "z_loss": 0.001,
+        "student_temp": 0.1,
+        "teacher_temp": 0.07,
+        "warmup_teacher_temp": 0.04,
+        "warmup_teacher_temp_steps": 1000,
+        "center_momentum": 0.9,
+        "part_ignore_index": -1,
+    },
+    "optim": {
+        "steps": 10000,
+        "lr": 5e-4,
+        "min_lr": 1e-6,
+        "warmup_steps": 500,
+        "weight_decay": 0.04,
+        "weight_decay_end": 0.4,
+        "betas": [0.9, 0.999],
+        "clip_grad": 3.0,  # max global grad norm; 0 = no clipping
+        "momentum_teacher": 0.996,  # EMA momentum, cosine to 1.0 at the last step
+        "freeze_last_layer_steps": 0,  # DINO: keep the prototypes fixed for the first steps
+    },
+    "train": {
+        "log_every": 10,  # metrics JSONL line and progress update
+        "plot_every": 100,  # loss-curve PNG
+        "checkpoint_every": 500,
+        "amp": "auto",  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | off
+        "compile": False,  # torch.compile the student and teacher
+        "resume": None,  # None | auto (output_dir's checkpoint if present) | a checkpoint path
+        "progress": True,
+        "deterministic": False,  # torch.use_deterministic_algorithms (slower on CUDA)
+    },
+    "distributed": {
+        "strategy": "ddp",  # ddp | fsdp (CUDA; shards parameters, grads and optimiser state)
+        "backend": "auto",  # auto: nccl on CUDA, gloo on CPU
+    },
+}

@@ -1,0 +1,61 @@
+"""`clasp export`: the student backbone of a training checkpoint as a safetensors file.
+
+    clasp export --checkpoint runs/demo/checkpoint.pt --out clasp-demo.safetensors [--task reid]
+
+The file holds timm VisionTransformer weight names for the dense parts, the PC-MoE router
+and expert weights and the task prompts, and the model config in its metadata (see
+`clasp.model.io`). Load it with `clasp.load_backbone(path, task=...)`; a plain timm ViT
+takes its dense weights through `clasp.model.timm_state_dict(path)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from clasp.model import load_backbone, save_backbone
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint (checkpoint.pt)")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument(
+        "--weights",
+        choices=("student", "teacher"),
+        default="student",
+        help="export the student (default) or the EMA teacher backbone",
+    )
+    parser.add_argument(
+        "--task",
+        default=None,
+        help="default task of the exported backbone: a task name or a JSON mix like "
+        '\'{"reid": 0.7, "attributes": 0.3}\' (default: generic)',
+    )
+
+
+def parse_task(text: str | None):
+    if text is None or not text.strip().startswith("{"):
+        return text
+    return {str(k): float(v) for k, v in json.loads(text).items()}
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        task = parse_task(args.task)
+        backbone = load_backbone(args.checkpoint, task, weights=args.weights)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"clasp export: {error}", file=sys.stderr)
+        return 2
+    save_backbone(
+        backbone,
+        args.out,
+        default_task=task,
+        metadata={"source": args.checkpoint, "weights": args.weights},
+    )
+    n = sum(p.numel() for p in backbone.parameters())
+    print(
+        f"wrote {args.out}: {args.weights} backbone, {n / 1e6:.2f}M parameters, "
+        f"{len(backbone.moe_blocks)} PC-MoE block(s), tasks {list(backbone.tasks)}"
+    )
+    return 0
