@@ -73,11 +73,13 @@ def crop_label_maps(label: torch.Tensor, boxes, flips, out_size) -> torch.Tensor
 
 
 def crop_keypoints(keypoints, boxes, flips, out_size, image_size, flip_perm=None) -> torch.Tensor:
-    """Keypoints (K, 3) in source pixels -> (N, K, 3) in crop pixels.
+    """Keypoints (K, 3) in source pixels -> (N, K, 3) in crop pixels; out_size is one
+    (rows, cols) for all crops or an (N, 2) array.
 
     A mirrored crop swaps left and right (`flip_perm`); keypoints outside the crop or absent
     (visibility 0) become (0, 0, 0)."""
-    oh, ow = out_size
+    sizes = np.broadcast_to(np.asarray(out_size, dtype=np.float64), (len(boxes), 2))
+    oh, ow = sizes[:, 0:1], sizes[:, 1:2]
     ih, iw = image_size
     b = np.asarray(boxes, dtype=np.float64)[:, None, :]
     kp = np.asarray(keypoints, dtype=np.float64)[None]
@@ -197,11 +199,13 @@ class MultiCrop:
     def patch_grid(self, size) -> tuple[int, int]:
         return size[0] // self.patch_size, size[1] // self.patch_size
 
-    def sample_boxes(self, rng: np.random.Generator, n: int, image_size, out_size, scale):
-        """(n, 4) normalised boxes: area in `scale`, aspect near out_size's, inside the image."""
+    def sample_boxes(self, rng: np.random.Generator, image_size, out_sizes, scales):
+        """(N, 4) normalised boxes, one per row of out_sizes (N, 2) and scales (N, 2): area
+        a fraction in scale of the image's, aspect near the output's, inside the image."""
         ih, iw = image_size
-        area = rng.uniform(scale[0], scale[1], n) * ih * iw
-        aspect = out_size[0] / out_size[1] * np.exp(rng.uniform(*self.log_ratio, n))
+        n = len(out_sizes)
+        area = rng.uniform(scales[:, 0], scales[:, 1]) * ih * iw
+        aspect = out_sizes[:, 0] / out_sizes[:, 1] * np.exp(rng.uniform(*self.log_ratio, n))
         ch = np.minimum(np.sqrt(area * aspect), ih)
         cw = np.minimum(np.sqrt(area / aspect), iw)
         top, left = (ih - ch) * rng.random(n), (iw - cw) * rng.random(n)
@@ -235,19 +239,25 @@ class MultiCrop:
             matrix = np.where(gray[:, None, None], TO_GRAY @ matrix, matrix)
         return matrix, offset
 
-    def finish(self, rng: np.random.Generator, crops: torch.Tensor) -> torch.Tensor:
-        """Colour-jitter, clamp to [0, 1] and normalise crops (N, 3, h, w) of 0..255 values.
+    def finish(self, rng: np.random.Generator, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Colour-jitter, clamp to [0, 1] and normalise each group of crops (N, 3, h, w)
+        holding 0..255 values; one colour matrix per crop, drawn for all groups at once.
 
         The 1/255 scale and the normalisation are folded into the colour matrix, and the
         clamp to [0, 1] becomes a clamp to each channel's normalised range."""
-        n, _, h, w = crops.shape
-        flat = crops.reshape(n, 3, h * w)
-        matrix, offset = self.color_matrices(rng, flat.mean(dim=2).double().numpy() / 255)
+        flats = [g.reshape(g.shape[0], 3, -1) for g in groups]
+        means = torch.cat([f.mean(dim=2) for f in flats]).double().numpy() / 255
+        matrix, offset = self.color_matrices(rng, means)
         std = self.std_np[:, None]
         matrix = torch.from_numpy((matrix / (255 * std)).astype(np.float32))
         offset = torch.from_numpy(((offset - self.mean_np[:, None]) / std).astype(np.float32))
-        flat = torch.baddbmm(offset, matrix, flat)
-        return torch.clamp(flat, self.low, self.high, out=flat).view(n, 3, h, w)
+        out, start = [], 0
+        for group, flat in zip(groups, flats, strict=True):
+            n = group.shape[0]
+            flat = torch.baddbmm(offset[start : start + n], matrix[start : start + n], flat)
+            out.append(torch.clamp(flat, self.low, self.high, out=flat).view(group.shape))
+            start += n
+        return out
 
     def __call__(self, sample: dict) -> dict:
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
@@ -259,32 +269,31 @@ class MultiCrop:
         if factor < 0.5:
             size = (max(1, round(ih * factor)), max(1, round(iw * factor)))
             source = F.interpolate(source[None], size, mode="bilinear", antialias=True)[0]
-        groups = [(self.n_global, self.global_size, self.global_scale)]
+        sizes = [self.global_size] * self.n_global + [self.local_size] * self.n_local
+        scales = [self.global_scale] * self.n_global + [self.local_scale] * self.n_local
+        boxes = self.sample_boxes(rng, (ih, iw), np.array(sizes, float), np.array(scales))
+        flips = rng.random(len(sizes)) < self.flip_p
+        groups = [(slice(0, self.n_global), self.global_size)]
         if self.n_local:
-            groups.append((self.n_local, self.local_size, self.local_scale))
+            groups.append((slice(self.n_global, len(sizes)), self.local_size))
+        images = [resample_crops(source, boxes[g], flips[g], size) for g, size in groups]
+        crops = [crop for group in self.finish(rng, images) for crop in group.unbind(0)]
         labels = {k: sample[k] for k in self.label_spec if sample.get(k) is not None}
-        keypoints = sample.get("keypoints")
-        flip_perm = None
-        if keypoints is not None:
-            flip_perm = flip_permutation(keypoints.shape[0], self.keypoint_flip_pairs)
-        crops, boxes_out, crop_labels, crop_kps = [], [], {k: [] for k in labels}, []
-        for n, size, scale in groups:
-            boxes = self.sample_boxes(rng, n, (ih, iw), size, scale)
-            flips = rng.random(n) < self.flip_p
-            crops += list(self.finish(rng, resample_crops(source, boxes, flips, size)).unbind(0))
-            boxes_out.append(np.concatenate([boxes, flips[:, None]], axis=1))
-            for key, label in labels.items():
+        crop_labels = {}
+        for key, label in labels.items():
+            crop_labels[key] = []
+            for g, size in groups:
                 grid = size if self.label_spec[key] == "pixel" else self.patch_grid(size)
-                crop_labels[key] += list(crop_label_maps(label, boxes, flips, grid).unbind(0))
-            if keypoints is not None:
-                kps = crop_keypoints(keypoints, boxes, flips, size, (ih, iw), flip_perm)
-                crop_kps += list(kps.unbind(0))
+                crop_labels[key] += list(crop_label_maps(label, boxes[g], flips[g], grid).unbind(0))
         out = {k: v for k, v in sample.items() if k not in ("image", "keypoints", *labels)}
         out["crops"] = crops
-        out["crop_boxes"] = torch.from_numpy(np.concatenate(boxes_out))
+        out["crop_boxes"] = torch.from_numpy(np.concatenate([boxes, flips[:, None]], axis=1))
         out["crop_labels"] = crop_labels
+        keypoints = sample.get("keypoints")
         if keypoints is not None:
-            out["crop_keypoints"] = crop_kps
+            flip_perm = flip_permutation(keypoints.shape[0], self.keypoint_flip_pairs)
+            kps = crop_keypoints(keypoints, boxes, flips, np.array(sizes), (ih, iw), flip_perm)
+            out["crop_keypoints"] = list(kps.unbind(0))
         return out
 
 
