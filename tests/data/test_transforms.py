@@ -78,10 +78,12 @@ def test_multicrop_labels_keypoints_and_pixels_follow_the_crop(h, w, flip_p):
         flip_p=flip_p,
         color_jitter=None,
         grayscale_p=0.0,
-        label_keys={"coords": "pixel", "grid": "patch"},
+        label_keys={"coords": "pixel", "grid": "patch", "soft": "patch"},
         patch_size=8,
     )
     sample = coordinate_sample(h, w)
+    # soft labels with a leading class dim, e.g. a teacher's probabilities per patch
+    sample["soft"] = torch.stack([sample["grid"].float(), -sample["grid"].float()])
     out = transform(sample)
     assert set(out) == {"pid", "crops", "crop_boxes", "crop_labels", "crop_keypoints"}
     boxes = out["crop_boxes"]
@@ -102,6 +104,9 @@ def test_multicrop_labels_keypoints_and_pixels_follow_the_crop(h, w, flip_p):
         gr, gc, _, _ = source_cells(box, (size[0] // 8, size[1] // 8), GRID)
         grid = out["crop_labels"]["grid"][i]
         assert torch.equal(grid, torch.from_numpy(gr[:, None] * GRID[1] + gc[None, :]))
+        assert torch.equal(
+            out["crop_labels"]["soft"][i], torch.stack([grid.float(), -grid.float()])
+        )
         # pixels: the red/green ramps read at the same source positions (interior only,
         # where bilinear sampling of a linear ramp is exact up to the ramp's rounding)
         rgb = unnormalise(crop)
