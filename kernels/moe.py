@@ -111,7 +111,9 @@ def grouped_matmul(
         gather_idx: optional (M,) int32/int64 row indices into x.
         backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1), "triton" or "reference".
     Returns:
-        (M, f) of x's dtype, M = T or len(gather_idx). Differentiable in x and w.
+        (M, f) of x's dtype, M = T or len(gather_idx). Differentiable in x and w; the
+        gradient of repeated gather rows is summed in a fixed order. fp32 inputs run on tf32
+        tensor cores on CUDA unless `torch.set_float32_matmul_precision("highest")`.
     """
     check_tensor("x", x, 2, FLOAT_DTYPES)
     check_tensor("w", w, 3, FLOAT_DTYPES)
@@ -368,7 +370,8 @@ def moe_mlp(
         (T, d) of x's dtype (the autocast dtype under autocast, which casts x, weights and
         biases). Differentiable in x, routing.weights, w1, w2, b1 and b2; backward is
         deterministic. Saved for backward: x, weights, routing and the (T*k, f)
-        pre-activation; the activation itself is recomputed.
+        pre-activation; the activation itself is recomputed. fp32 inputs run on tf32
+        tensor cores on CUDA unless `torch.set_float32_matmul_precision("highest")`.
     """
     _check_moe_inputs(x, routing, w1, w2, b1, b2, activation)
     if torch.is_autocast_enabled(x.device.type):

@@ -15,9 +15,13 @@ def segment_offsets(counts: list[int], device) -> torch.Tensor:
 
 def assert_close_normalised(actual, expected, dtype, msg=""):
     """Compare relative to the largest reference magnitude: sums over many rows grow, and
-    their rounding error grows with them."""
+    their rounding error grows with them. fp32 on CUDA runs tf32 tensor cores (10-bit
+    mantissa), and the MLP chains two GEMMs: three times the per-dtype tolerance there."""
     norm = max(1.0, float(expected.detach().abs().max()))
-    assert_close(actual.detach().double() / norm, expected.detach() / norm, dtype, msg=msg)
+    scale = 3.0 if dtype == torch.float32 and actual.is_cuda else 1.0
+    assert_close(
+        actual.detach().double() / norm, expected.detach() / norm, dtype, scale=scale, msg=msg
+    )
 
 
 # (rows T, d, f, counts per expert, gather rows M or None)
