@@ -14,7 +14,7 @@ import yaml
 
 import clasp
 from clasp.cli import main as clasp_main
-from clasp.train import trainer as trainer_module
+from clasp.train import step as step_module
 from clasp.train.checkpoint import load_checkpoint, save_checkpoint
 from clasp.train.data import PARTS_KEY, make_loader
 from clasp.train.trainer import NonFiniteLossError, Trainer, train
@@ -53,18 +53,18 @@ def test_pseudo_label_losses_fall(synth_root, label_cache, tmp_path, seed):
 def test_loss_weights_follow_each_samples_task(synth_root, label_cache, tmp_path):
     trainer = Trainer(tiny_config(synth_root, str(tmp_path), label_cache))
     batch = next(iter(make_loader(trainer.dataset, trainer.sampler, trainer.config, 0)))
-    tasks = trainer.model.backbone.tasks
+    tasks = trainer.step_fn.model.backbone.tasks
     batch["task"] = torch.tensor([tasks.index(t) for t in ("reid", "parsing", "generic") * 3][:8])
-    values = trainer.schedules(0)
-    terms = trainer.compute_losses(batch, values)
+    values = trainer.step_fn.schedules(0)
+    terms = trainer.step_fn.compute_losses(batch, values)
     # The same forward, by hand: part loss per sample averaged over the global crops.
     G, B = 2, 8
     crops = torch.cat(batch["crops"][:G])
     locals_ = torch.cat(batch["crops"][G:])
     weights = torch.nn.functional.one_hot(batch["task"], len(tasks)).float()
     with torch.no_grad():
-        out = trainer.student(crops, weights, locals_)
-    per_crop, _ = trainer.part_loss(out["part_logits"], torch.cat(batch[PARTS_KEY][:G]))
+        out = trainer.step_fn.student(crops, weights, locals_)
+    per_crop, _ = trainer.step_fn.part_loss(out["part_logits"], torch.cat(batch[PARTS_KEY][:G]))
     per_sample = per_crop.view(G, B).mean(0)
     table = {"reid": 0.0, "parsing": 1.0, "generic": 0.5}
     w = torch.tensor([table[tasks[t]] for t in batch["task"].tolist()])
@@ -119,20 +119,20 @@ def test_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state(
     synth_root, label_cache, tmp_path, monkeypatch
 ):
     calls = []
-    real = trainer_module.router_z_loss
+    real = step_module.router_z_loss
 
     def z_loss_turning_nan(z):
         calls.append(1)
         value = real(z)
         return value * math.nan if len(calls) == 3 else value
 
-    monkeypatch.setattr(trainer_module, "router_z_loss", z_loss_turning_nan)
+    monkeypatch.setattr(step_module, "router_z_loss", z_loss_turning_nan)
     config = tiny_config(synth_root, str(tmp_path), label_cache)
     with pytest.raises(NonFiniteLossError, match=r"step 3 .*z_loss=nan.*Not finite: loss, z_loss"):
         train(config)
     checkpoint = load_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert checkpoint["step"] == 2 and checkpoint["batch_in_epoch"] == 2
-    monkeypatch.setattr(trainer_module, "router_z_loss", real)
+    monkeypatch.setattr(step_module, "router_z_loss", real)
     # The same run stopped cleanly after two steps (same schedules: only the loop ends early).
     reference = Trainer(tiny_config(synth_root, str(tmp_path / "ref"), label_cache))
     reference.total_steps = 2

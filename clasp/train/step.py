@@ -1,0 +1,195 @@
+"""One pre-training step: the student and its EMA teacher, the losses, the optimiser.
+
+Multi-crop self-distillation from the EMA teacher, plus the part and attribute pseudo-label
+losses weighted per sample by the sample's task, plus the MoE auxiliaries. Used by the
+training loop (`Trainer`) and, on synthetic batches, by the training-step benchmark.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from clasp.losses import AttributeLoss, DINOLoss, PartLoss, load_balance_loss, router_z_loss
+from clasp.model import build_model
+
+from . import distributed as D
+from .data import PARTS_KEY
+from .schedules import Schedules
+
+log = logging.getLogger("clasp.train")
+
+LOSS_TERMS = ("dino", "part", "attribute", "load_balance", "z_loss")
+NO_DECAY_SUFFIXES = (".bias", ".b1", ".b2")
+
+
+class PretrainStep:
+    """Builds the student (wrapped for DDP/FSDP), the EMA teacher, losses and optimiser.
+
+    A batch is a dict: "crops" list of n_global + n_local (B, 3, h, w) normalised crops,
+    "task" (B,) int64 task indices, and with labels PARTS_KEY (list of per-crop (B, gh, gw)
+    int64, -1 = none) and "pseudo_attributes" (B, A) float (NaN = unknown).
+    """
+
+    def __init__(
+        self,
+        config: dict,
+        world: D.World,
+        num_parts: int | None = None,
+        num_attributes: int | None = None,
+    ):
+        self.config = config
+        self.world = world
+        self.device = world.device
+        torch.manual_seed(int(config["seed"]))  # the same initial weights on every rank
+        model = build_model(config, num_parts=num_parts, num_attributes=num_attributes)
+        self._init_prompts(model)
+        model.to(self.device)
+        strategy = config["distributed"]["strategy"]
+        if config["train"]["compile"]:
+            model.compile()
+        teacher = copy.deepcopy(model).requires_grad_(False)
+        self.student = D.wrap(model, strategy, world)
+        self.teacher = D.shard(teacher, world) if strategy == "fsdp" else teacher
+        self.model = D.unwrap(self.student)
+        self.optimizer = self._optimizer()
+        self.ema_pairs = self._ema_pairs()
+
+        loss = config["loss"]
+        self.dino_loss = DINOLoss(
+            config["heads"]["dino"]["out_dim"], loss["student_temp"], loss["center_momentum"]
+        ).to(self.device)
+        self.part_loss = PartLoss(loss["part_ignore_index"])
+        self.attribute_loss = AttributeLoss()
+        self.loss_table = self._loss_table().to(self.device)
+        self.schedules = Schedules(config["optim"], loss)
+        amp = config["train"]["amp"]
+        self.amp_dtype = (
+            torch.bfloat16 if amp == "bf16" or (amp == "auto" and self.device.type == "cuda")
+            else None
+        )  # fmt: skip
+        self._teacher_dino: torch.Tensor | None = None
+
+    def _init_prompts(self, model) -> None:
+        source = self.config["prompt_init"]
+        if not source["teacher"]:
+            return
+        from clasp.teacher.clip import load_teacher
+
+        teacher = load_teacher(source["teacher"], source["pretrained"])
+        model.backbone.prompts.init_from_text(teacher.encode_text)
+        log.info("task prompts initialised from %s text embeddings", teacher.description)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        no_decay_names = {f"backbone.{n}" for n in self.model.backbone.no_weight_decay()}
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            skip = param.ndim <= 1 or name in no_decay_names or name.endswith(NO_DECAY_SUFFIXES)
+            (no_decay if skip else decay).append(param)
+        optim = self.config["optim"]
+        return torch.optim.AdamW(
+            [{"params": decay, "apply_decay": True}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=optim["lr"],
+            betas=tuple(optim["betas"]),
+            weight_decay=optim["weight_decay"],
+        )
+
+    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        teacher = dict(self.teacher.named_parameters())
+        student = dict(self.model.named_parameters())
+        if teacher.keys() != student.keys():
+            raise RuntimeError("student and EMA teacher have different parameters")
+        names = list(student)
+        return [teacher[n] for n in names], [student[n] for n in names]
+
+    def _loss_table(self) -> torch.Tensor:
+        """(n_tasks, 3) per-task weights of the dino, part and attribute losses."""
+        table = self.config["tasks"]["loss_weights"]
+        tasks = self.model.backbone.tasks
+        missing = [t for t in tasks if t not in table]
+        if missing:
+            raise ValueError(f"tasks.loss_weights has no row for tasks {missing}")
+        rows = [[float(table[t].get(k, 0.0)) for k in ("dino", "part", "attribute")] for t in tasks]
+        return torch.tensor(rows)
+
+    # -- one step -----------------------------------------------------------------------------
+    def compute_losses(self, batch: dict, values: dict) -> dict[str, torch.Tensor]:
+        G = self.config["crops"]["n_global"]
+        crops = [c.to(self.device, non_blocking=True) for c in batch["crops"]]
+        global_crops = torch.cat(crops[:G])
+        local_crops = torch.cat(crops[G:]) if len(crops) > G else None
+        task = batch["task"].to(self.device)
+        task_weights = F.one_hot(task, len(self.model.backbone.tasks)).float()
+        with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+            with torch.no_grad():
+                teacher_out = self.teacher(global_crops, task_weights, None, label_heads=False)
+            out = self.student(global_crops, task_weights, local_crops)
+        weights = self.loss_table[task]  # (B, 3)
+        self._teacher_dino = teacher_out["dino_global"]
+        targets = self.dino_loss.teacher_targets(teacher_out["dino_global"], values["teacher_temp"])
+        dino = self.dino_loss(out["dino_global"], out["dino_local"], targets, G)
+        terms = {"dino": (weights[:, 0] * dino).mean()}
+        B = task.shape[0]
+        if out["part_logits"] is not None:
+            labels = torch.cat(batch[PARTS_KEY][:G]).to(self.device, non_blocking=True)
+            per_crop, _ = self.part_loss(out["part_logits"], labels)
+            terms["part"] = (weights[:, 1] * per_crop.view(G, B).mean(0)).mean()
+        if out["attribute_logits"] is not None:
+            soft = batch["pseudo_attributes"].to(self.device, non_blocking=True).repeat(G, 1)
+            per_crop, _ = self.attribute_loss(out["attribute_logits"], soft)
+            terms["attribute"] = (weights[:, 2] * per_crop.view(G, B).mean(0)).mean()
+        if out["probs_mean"] is not None:
+            terms["load_balance"] = load_balance_loss(out["probs_mean"], out["counts"])
+            terms["z_loss"] = router_z_loss(out["z_loss"])
+        return terms
+
+    def __call__(self, batch: dict, step: int, stop: int = 0) -> tuple[dict[str, float], bool, int]:
+        """Optimiser step number `step` (0-based). `stop`: a signal number this rank was sent
+        (0: none). Returns (metrics, ok, stop of any rank); ok is False when a loss term or
+        the gradient norm is not finite on any rank, in which case nothing was updated."""
+        values = self.schedules(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = values["lr"]
+            if group.get("apply_decay"):
+                group["weight_decay"] = values["weight_decay"]
+        terms = self.compute_losses(batch, values)
+        weights = self.config["loss"]
+        total = sum(weights[name] * value for name, value in terms.items())
+        total.backward()
+        if step < self.config["optim"]["freeze_last_layer_steps"]:
+            for p in self.model.dino_head.last_layer_parameters():
+                p.grad = None
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        clip = self.config["optim"]["clip_grad"]
+        if clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        # One sync per step: finite check of every term, and any rank's stop request.
+        checked = torch.stack(
+            [total.detach(), *(t.detach() for t in terms.values()), grad_norm.to(self.device)]
+        ).float()
+        flags = torch.stack([(~torch.isfinite(checked)).any().float(), checked.new_tensor(stop)])
+        flags = D.all_reduce_max(flags).tolist()
+        numbers = checked.tolist()
+        metrics = {"loss": numbers[0], **dict(zip(terms, numbers[1:-1], strict=True))}
+        metrics["grad_norm"] = numbers[-1]
+        metrics.update(values)
+        if flags[0]:
+            self.optimizer.zero_grad(set_to_none=True)
+            return metrics, False, int(flags[1])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            teacher, student = self.ema_pairs
+            torch._foreach_mul_(teacher, values["momentum"])
+            torch._foreach_add_(teacher, student, alpha=1.0 - values["momentum"])
+        self.dino_loss.update_center(self._teacher_dino)
+        self._teacher_dino = None
+        return metrics, True, int(flags[1])
