@@ -25,18 +25,21 @@ from .utils import interpreter_active
 
 ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 
-# Hopper and Ampere: 64/128-row tiles, 128/256-column tiles, 64-deep K steps, 3-4 stages.
+# Hopper and Ampere: 64/128-row tiles, 128/256-column tiles, 64-deep K steps, 3-4 stages;
+# the two 32-deep ones fit fp32 operands into an A100's shared memory.
 _CUDA_CONFIGS = [
     triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=s, num_warps=w
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w
     )
-    for bm, bn, s, w in [
-        (128, 256, 3, 8),
-        (128, 128, 4, 8),
-        (128, 128, 3, 4),
-        (64, 256, 4, 8),
-        (64, 128, 4, 4),
-        (128, 256, 4, 8),
+    for bm, bn, bk, s, w in [
+        (128, 256, 64, 3, 8),
+        (128, 256, 64, 4, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 64, 3, 4),
+        (64, 256, 64, 4, 8),
+        (64, 128, 64, 4, 4),
+        (128, 128, 32, 3, 8),
+        (64, 128, 32, 4, 4),
     ]
 ]
 # The interpreter runs one config (autotuning needs a device) and pays per program and K step,
@@ -46,6 +49,26 @@ _INTERPRETER_CONFIGS = [
 ]
 GEMM_CONFIGS = _INTERPRETER_CONFIGS if interpreter_active() else _CUDA_CONFIGS
 MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in GEMM_CONFIGS)
+
+
+def _fits_shared_memory(configs, named_args, **kwargs):
+    """Drop configs whose operand pipeline (stages x both tiles) exceeds the device's shared
+    memory for this dtype, instead of timing launches that cannot start."""
+    operand = next(iter(named_args.values()))
+    properties = triton.runtime.driver.active.utils.get_device_properties(operand.device.index)
+    element_size, limit = operand.element_size(), properties["max_shared_mem"]
+
+    def footprint(c):
+        tiles = (
+            c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"]
+        )
+        return tiles * element_size * c.num_stages
+
+    fitting = [c for c in configs if footprint(c) <= limit]
+    return fitting or [min(configs, key=footprint)]
+
+
+PRUNE = {"early_config_prune": _fits_shared_memory}
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -130,6 +153,7 @@ def _swizzle(M, N, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
 @triton.autotune(
     configs=GEMM_CONFIGS,
     key=["N", "K", "GATHER", "SCATTER", "HAS_BIAS", "ACTIVATION", "STORE_PRE", "GATE"],
+    prune_configs_by=PRUNE,
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -232,7 +256,10 @@ def _grouped_mm_kernel(
 
 # Configs with wider column tiles write fewer partial columns: zero them between tuning runs.
 @triton.autotune(
-    configs=GEMM_CONFIGS, key=["N", "K", "HAS_BIAS", "ACTIVATION"], reset_to_zero=["dgate_ptr"]
+    configs=GEMM_CONFIGS,
+    key=["N", "K", "HAS_BIAS", "ACTIVATION"],
+    prune_configs_by=PRUNE,
+    reset_to_zero=["dgate_ptr"],
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -330,7 +357,9 @@ def _grouped_mm_act_bwd_kernel(
 
 
 @triton.autotune(
-    configs=GEMM_CONFIGS, key=["Dm", "Dn", "GATHER_A", "GATHER_B", "BIAS_GRAD", "GATE_BIAS"]
+    configs=GEMM_CONFIGS,
+    key=["Dm", "Dn", "GATHER_A", "GATHER_B", "BIAS_GRAD", "GATE_BIAS"],
+    prune_configs_by=PRUNE,
 )
 @triton.jit
 def _grouped_wgrad_kernel(
