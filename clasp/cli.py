@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("clasp.train.export", "export a checkpoint's backbone to a safetensors file"),
     "eval": ("clasp.eval.cli", "evaluate frozen features: re-ID, attributes, parsing, pose"),
     "teacher": ("clasp.teacher.fit", "fit a small open_clip teacher offline (clasp teacher fit)"),
+    "demo": ("clasp.demo", "the whole method end to end on a synthetic set, with a results table"),
 }
 
 
