@@ -1,0 +1,69 @@
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from clasp.data.synthetic import generate
+
+
+class TimmPatchEncoder(nn.Module):
+    """A randomly initialised timm ViT with the evaluation protocol's `extract`: the class
+    token and the patch tokens on their grid, after the final norm."""
+
+    def __init__(self, img_size=(64, 32), patch_size=8, dim=32, depth=1, seed=0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.vit = timm.create_model(
+                "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=img_size,
+                patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=2,
+            )  # fmt: skip
+        self.img_size, self.patch_size = img_size, patch_size
+
+    def extract(self, images, task=None):
+        tokens = self.vit.forward_features(images)
+        b, _, h, w = images.shape
+        grid = tokens[:, self.vit.num_prefix_tokens :]
+        return tokens[:, 0], grid.reshape(b, h // self.patch_size, w // self.patch_size, -1)
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    return TimmPatchEncoder().eval()
+
+
+@pytest.fixture(scope="session")
+def synth_set(tmp_path_factory):
+    """12 identities x 4 images from 4 cameras, 64 x 32: 6 train and 6 test identities."""
+    root = tmp_path_factory.mktemp("synth")
+    generate(str(root), ids=12, images_per_id=4, cameras=4, size=(64, 32), seed=3)
+    return str(root)
+
+
+TINY_CLASP = """
+model:
+  img_size: [64, 32]
+  patch_size: 16
+  embed_dim: 32
+  depth: 2
+  num_heads: 2
+  kernels: reference
+  moe: {blocks: [-1], num_experts: 2, top_k: 1, mlp_ratio: 2.0}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory):
+    """A tiny CLASP backbone config (the eager MoE path: no Triton interpreter)."""
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(TINY_CLASP)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Each test worker owns about one core: more threads only contend with the other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
