@@ -27,7 +27,7 @@ REPO_CONFIGS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(clasp.__file__))), "configs"
 )
 SCALES = {
-    "default": dict(ids=300, images_per_id=8, cameras=4, teacher_seconds=90, steps=300, batch=32),
+    "default": dict(ids=200, images_per_id=8, cameras=4, teacher_seconds=60, steps=150, batch=32),
     "tiny": dict(ids=12, images_per_id=4, cameras=2, teacher_seconds=5, steps=4, batch=8),
 }
 MODELS = ("random", "baseline", "clasp")
