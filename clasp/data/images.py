@@ -3,6 +3,7 @@ file that cannot be decoded raises `ImageReadError` with the reason instead of c
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -75,13 +76,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def read_rgb(path: str) -> Image.Image:
     """Decode an image file into an upright 8-bit RGB PIL image, or raise ImageReadError."""
+    with open(path, "rb") as f:  # one read; PIL would issue many small ones
+        data = f.read()
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
-    except FileNotFoundError:
-        raise
     except (
         UnidentifiedImageError,
         OSError,

@@ -33,6 +33,7 @@ others; "query" = the test images with n < min(C, M // 2) (one per camera at mos
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import multiprocessing
@@ -57,6 +58,8 @@ from clasp.teacher.prompts import load_prompts
 
 FORMAT, VERSION = "clasp-synth", 1
 PARTS_IGNORE = 255
+PARTS_LOOKUP = np.arange(256, dtype=np.int64)  # stored mask value -> part label
+PARTS_LOOKUP[PARTS_IGNORE] = -1
 
 PERSON_NOUNS = {
     ("male", "child"): "boy",
@@ -325,6 +328,13 @@ class SyntheticDataset(PersonDataset):
                 record = json.loads(line)
                 if keep(record):
                     self.records.append(record)
+        # Labels as arrays once, so that loading a sample only slices them.
+        self.attribute_matrix = np.array(
+            [r["attribute_vector"] for r in self.records], dtype=np.float32
+        ).reshape(len(self.records), len(self.attribute_names))
+        self.keypoint_array = np.array(
+            [r["keypoints"] for r in self.records], dtype=np.float32
+        ).reshape(len(self.records), len(self.keypoint_names), 3)
         self.paths = [os.path.join(root, r["image"]) for r in self.records]
         self.pids = [r["pid"] for r in self.records]
         self.cameras = [r["camera"] for r in self.records]
@@ -335,16 +345,14 @@ class SyntheticDataset(PersonDataset):
         sample = self.base_sample(index)
         parts_path = os.path.join(self.root, record["parts"])
         try:
-            with Image.open(parts_path) as mask:
+            with open(parts_path, "rb") as f, Image.open(io.BytesIO(f.read())) as mask:
                 parts = np.asarray(mask, dtype=np.uint8)
         except OSError as error:
             raise LabelReadError(parts_path, f"{type(error).__name__}: {error}") from error
         if parts.shape != tuple(sample["image"].shape[1:]):
             raise LabelReadError(parts_path, f"mask {parts.shape} does not match the image")
-        parts = torch.from_numpy(parts.astype(np.int64))
-        parts[parts == PARTS_IGNORE] = -1
-        sample["parts"] = parts
-        sample["attributes"] = torch.tensor(record["attribute_vector"], dtype=torch.float32)
-        sample["keypoints"] = torch.tensor(record["keypoints"], dtype=torch.float32)
+        sample["parts"] = torch.from_numpy(PARTS_LOOKUP[parts])
+        sample["attributes"] = torch.from_numpy(self.attribute_matrix[index].copy())
+        sample["keypoints"] = torch.from_numpy(self.keypoint_array[index].copy())
         sample["caption"] = record["caption"]
         return sample
