@@ -45,6 +45,10 @@ def _common(parser: argparse.ArgumentParser, formats) -> None:
     parser.add_argument("--l2", type=float, default=1e-3, help="L2 strength of the probes")
     parser.add_argument("--alpha", type=float, default=0.2, help="PCK threshold (pose)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed for random")
+    parser.add_argument(
+        "--weights", choices=("student", "teacher"), default="student",
+        help="which weights of a training checkpoint: the student or its EMA teacher",
+    )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -126,7 +130,9 @@ def _summary(result: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
-        encoder = load_encoder(args.checkpoint, args.config, seed=args.seed, device=args.device)
+        encoder = load_encoder(
+            args.checkpoint, args.config, seed=args.seed, weights=args.weights, device=args.device
+        )
     except (FileNotFoundError, ValueError, KeyError) as error:
         print(f"clasp eval: cannot load the backbone: {error}", file=sys.stderr)
         return 2

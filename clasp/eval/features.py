@@ -33,11 +33,13 @@ def load_encoder(
     *,
     task: str | dict | None = None,
     seed: int = 0,
+    weights: str = "student",
     device: str | torch.device = "cpu",
 ):
     """A CLASP backbone in eval mode: `checkpoint` is an exported .safetensors file or a
-    training checkpoint, or "random" for the randomly initialised baseline built from
-    `config` (a YAML path; initialised from `seed`, so every run builds the same weights)."""
+    training checkpoint (`weights`: its "student" or EMA "teacher"), or "random" for the
+    randomly initialised baseline built from `config` (a model or training YAML;
+    initialised from `seed`, so every run builds the same weights)."""
     if checkpoint == RANDOM:
         if config is None:
             raise ValueError("--checkpoint random needs --config FILE (the model to build)")
@@ -48,7 +50,9 @@ def load_encoder(
         return encoder.to(device).eval()
     from clasp import load_backbone
 
-    return load_backbone(checkpoint, task, device=device).eval()
+    if checkpoint.endswith(".safetensors"):
+        return load_backbone(checkpoint, task, device=device).eval()
+    return load_backbone(checkpoint, task, weights=weights, device=device).eval()
 
 
 def parse_task(text: str | None) -> str | dict[str, float] | None:

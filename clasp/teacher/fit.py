@@ -48,6 +48,8 @@ from clasp.data.images import read_rgb
 
 from .prompts import Prompts, load_prompts
 
+SEPARATION_TEMPERATURE = 0.1
+
 FIT_DEFAULTS = {
     "seed": 0,
     "format": None,  # synth | peta; None: synth when DIR/meta.json exists, else peta
@@ -68,18 +70,20 @@ FIT_DEFAULTS = {
     # Part classes weigh frequency^-balance in the part losses (0: plain cross-entropy);
     # background covers most pixels and would otherwise drown the small parts.
     "part_balance": 0.5,
-    "loss": {"clip": 1.0, "attributes": 1.0, "parts": 1.0, "plain_parts": 0.5},
+    "loss": {"clip": 1.0, "attributes": 1.0, "parts": 1.0, "plain_parts": 0.5, "prompts": 1.0},
+    # Patch 8 gives a 16 x 8 part grid on 128 x 64 crops: small parts (arms, feet) survive
+    # a majority vote there but not on an 8 x 4 grid, which caps part mIoU near a third.
     "model": {
-        "embed_dim": 128,
+        "embed_dim": 64,
         "vision_cfg": {
             "image_size": [128, 64],
             "patch_size": 8,
-            "width": 128,
+            "width": 64,
             "layers": 3,
             "head_width": 32,
             "mlp_ratio": 2.0,
         },
-        "text_cfg": {"context_length": 32, "width": 128, "heads": 4, "layers": 2},
+        "text_cfg": {"context_length": 32, "width": 64, "heads": 2, "layers": 2},
     },
 }
 
@@ -239,23 +243,33 @@ def image_features(visual, pixels: torch.Tensor):
 
 class PromptTexts:
     """Tokens of every (template, class, prompt) text of part classes or attribute values.
-    `embed` averages a class's L2-normalised text embeddings as the labeler does; given a
-    template index, it embeds only that template's texts (a step costs a quarter as much,
-    and each template's average is trained towards the same class)."""
 
-    def __init__(self, classes: list[list[str]], templates: list[str], tokenizer):
+    `embed` returns the class embeddings, averaged over a class's L2-normalised texts as the
+    labeler does (given a template index, only that template's texts: a step costs a
+    quarter as much, and each template's average is trained towards the same class), and a
+    separation loss: each text classified among the classes of its group (all part classes;
+    one attribute group's values) at temperature 0.1. A fresh text tower maps every prompt
+    to nearly the same embedding (its pooled end-of-text token averages mostly shared words),
+    and the image losses alone pull the prompts apart slowly; this term separates them within
+    a few steps, so the image towers train against distinct targets from the start."""
+
+    def __init__(self, classes: list[list[str]], templates: list[str], tokenizer, groups=None):
         self.owner = torch.tensor([c for c, prompts in enumerate(classes) for _ in prompts])
         self.tokens = torch.stack(
             [tokenizer([t.format(p) for prompts in classes for p in prompts]) for t in templates]
         )  # (templates, texts, context)
         self.num_classes = len(classes)
+        self.group = torch.tensor(groups) if groups is not None else torch.zeros(len(classes))
 
-    def embed(self, model, template: int | None = None) -> torch.Tensor:
+    def embed(self, model, template: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokens if template is None else self.tokens[template : template + 1]
-        embedded = F.normalize(model.encode_text(tokens.flatten(0, 1)), dim=-1)
+        texts = F.normalize(model.encode_text(tokens.flatten(0, 1)), dim=-1)
         owner = self.owner.repeat(tokens.shape[0])
-        sums = embedded.new_zeros(self.num_classes, embedded.shape[1]).index_add(0, owner, embedded)
-        return F.normalize(sums / torch.bincount(owner)[:, None], dim=-1)
+        sums = texts.new_zeros(self.num_classes, texts.shape[1]).index_add(0, owner, texts)
+        classes = F.normalize(sums / torch.bincount(owner)[:, None], dim=-1)
+        other_group = self.group[owner][:, None] != self.group[None, :]
+        logits = (texts @ classes.T / SEPARATION_TEMPERATURE).masked_fill(other_group, -1e4)
+        return classes, F.cross_entropy(logits, owner)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,13 +337,14 @@ def fit(root: str, out: str, config: dict, *, log=print) -> dict:
     )  # fmt: skip
     load_seconds = time.perf_counter() - start
     caption_tokens = tokenizer(data.captions)
+    group_sizes = prompts.group_sizes
     part_texts = PromptTexts(list(prompts.parts.values()), prompts.templates, tokenizer)
     value_texts = PromptTexts(
         [p for group in prompts.attributes.values() for p in group.values()],
         prompts.templates,
         tokenizer,
+        groups=[g for g, size in enumerate(group_sizes) for _ in range(size)],
     )
-    group_sizes = prompts.group_sizes
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1) * 255
 
@@ -378,8 +393,10 @@ def fit(root: str, out: str, config: dict, *, log=print) -> dict:
         text = F.normalize(model.encode_text(caption_tokens[index]), dim=-1)
         losses = {"clip": clip_loss(image, text, scale)}
         targets = data.targets[index]
+        values, separation = value_texts.embed(model, template)
+        losses["prompts"] = separation
         if (targets >= 0).any():
-            logits = scale * image @ value_texts.embed(model, template).T
+            logits = scale * image @ values.T
             per_group = [
                 F.cross_entropy(g, t, ignore_index=-1)
                 for g, t in zip(logits.split(group_sizes, dim=1), targets.T, strict=True)
@@ -389,7 +406,8 @@ def fit(root: str, out: str, config: dict, *, log=print) -> dict:
         if data.grids is not None:
             grids = data.grids[index]
             grids = torch.where(flip.view(-1, 1, 1), grids.flip(-1), grids).reshape(-1)
-            parts = part_texts.embed(model, template)
+            parts, separation = part_texts.embed(model, template)
+            losses["prompts"] = losses["prompts"] + separation
             for name, dense in (("parts", maskclip), ("plain_parts", plain)):
                 logits = scale * F.normalize(dense, dim=-1).reshape(-1, parts.shape[1]) @ parts.T
                 losses[name] = F.cross_entropy(logits, grids, part_weight, ignore_index=-1)
