@@ -2,10 +2,16 @@
 synthetic generator's speed on one core.
 
 The loader entry is recorded with op="data_loader", backend="cpu": median_ms per batch,
-images_per_s, and fraction_of_peak = images_per_s / (workers x the single-process rate of
-the same pipeline measured in the same run), i.e. how well the workers scale.
+images_per_s (wall clock), and fraction_of_peak = images_per_s / (workers x the
+single-process rate of the same pipeline measured in the same run), i.e. how well the
+workers scale. On a shared machine wall clock says as much about the neighbours as about
+the pipeline, so the entry also holds cpu_ms_per_image, the CPU time that the workers and
+the main process spent per image in one more epoch (from /proc), and
+images_per_s_on_2_free_cores = 2 / that: what two cores of this CPU deliver when the
+pipeline has them to itself (an upper bound: it assumes no idle time).
 """
 
+import os
 import time
 
 import pytest
@@ -54,6 +60,13 @@ def single_process_rate(dataset, batches: int = 4) -> float:
         torch.set_num_threads(threads)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_data_loader_multicrop(synth_set, benchmark, device, peaks):
     root, generated_per_minute = synth_set
     dataset = build_dataset("synth", root, "all", transform=multicrop())
@@ -76,6 +89,10 @@ def test_data_loader_multicrop(synth_set, benchmark, device, peaks):
 
     benchmark.pedantic(epoch, rounds=5, warmup_rounds=1, iterations=1)
     seconds = benchmark.stats.stats.median
+    workers = [w.pid for w in loader._iterator._workers]  # persistent, started by the warm-up
+    cpu_before = time.process_time() + sum(process_cpu_seconds(p) for p in workers)
+    epoch()
+    cpu_seconds = time.process_time() + sum(process_cpu_seconds(p) for p in workers) - cpu_before
     images_per_s = per_epoch / seconds
     one_process = single_process_rate(build_dataset("synth", root, "all", transform=multicrop()))
     entry = dict(
@@ -88,12 +105,17 @@ def test_data_loader_multicrop(synth_set, benchmark, device, peaks):
         images_per_s=images_per_s,
         single_process_images_per_s=one_process,
         fraction_of_peak=images_per_s / (WORKERS * one_process),
+        cpu_ms_per_image=cpu_seconds / per_epoch * 1e3,
+        images_per_s_on_2_free_cores=2 * per_epoch / cpu_seconds,
+        load_average=os.getloadavg()[0],
         synth_images_per_minute_one_core=generated_per_minute,
     )
     benchmark.extra_info.update(entry)
     path = write_results(device, peaks, [entry])
     print(
         f"\ndata loader: {images_per_s:.0f} images/s with {WORKERS} workers "
-        f"({one_process:.0f} images/s in one process); synth generation "
+        f"({one_process:.0f} images/s in one process; {cpu_seconds / per_epoch * 1e3:.2f} ms CPU "
+        f"per image, {2 * per_epoch / cpu_seconds:.0f} images/s on 2 free cores; load average "
+        f"{os.getloadavg()[0]:.1f}); synth generation "
         f"{generated_per_minute:.0f} images/minute on one core; recorded in {path}"
     )
