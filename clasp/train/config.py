@@ -79,6 +79,10 @@ DEFAULTS = {
         "resume": None,  # None | auto (output_dir's checkpoint if present) | a checkpoint path
         "progress": True,
         "deterministic": False,  # torch.use_deterministic_algorithms (slower on CUDA)
+        # Threads of the training process on a CPU run (None: torch's default, one per core).
+        # On a small or shared CPU, 1 thread plus data workers on the other cores is faster
+        # than threads competing with the workers.
+        "cpu_threads": None,
     },
     "distributed": {
         "strategy": "ddp",  # ddp | fsdp (CUDA; shards parameters, grads and optimiser state)

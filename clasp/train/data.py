@@ -116,7 +116,8 @@ class ResumableSampler(DistributedSampler):
 
     def set_position(self, epoch: int, start_batch: int) -> None:
         self.set_epoch(epoch)
-        self.start_batch = start_batch
+        # A run resumed on fewer processes has fewer, longer epochs: never start past the end.
+        self.start_batch = min(start_batch, self.batches_per_epoch)
 
     def __iter__(self):
         indices = list(super().__iter__())[: self.batches_per_epoch * self.batch_size]

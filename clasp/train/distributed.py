@@ -84,6 +84,8 @@ def shard(model: nn.Module, world: World) -> nn.Module:
         raise RuntimeError(
             "distributed.strategy=fsdp is for CUDA runs; on CPU use distributed.strategy=ddp"
         )
+    if not dist.is_initialized():
+        return model  # one process: nothing to shard over
     from torch.distributed.fsdp import fully_shard
 
     for block in model.backbone.vit.blocks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -165,12 +166,12 @@ class PretrainStep:
             for p in self.model.dino_head.last_layer_parameters():
                 p.grad = None
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        clip = self.config["optim"]["clip_grad"]
-        if clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        else:
-            grads = [p.grad for p in params if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        # max_norm inf: the norm is still computed (for the log and the finite check).
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, self.config["optim"]["clip_grad"] or math.inf
+        )
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         # One sync per step: finite check of every term, and any rank's stop request.
         checked = torch.stack(
             [total.detach(), *(t.detach() for t in terms.values()), grad_norm.to(self.device)]

@@ -50,6 +50,8 @@ class Trainer:
         self.checkpoint_path = os.path.join(self.output_dir, CHECKPOINT_NAME)
         if config["train"]["deterministic"]:
             torch.use_deterministic_algorithms(True)
+        if self.world.device.type == "cpu" and config["train"]["cpu_threads"]:
+            torch.set_num_threads(int(config["train"]["cpu_threads"]))
         self.dataset, self.sampler, cache = build_pretrain_data(
             config, self.world.rank, self.world.size, config["model"]["patch_size"]
         )
@@ -116,7 +118,8 @@ class Trainer:
             set_rng_state(rngs[self.world.rank])
         else:
             log.warning(
-                "checkpoint from %d process(es) resumed on %d: random streams are reseeded",
+                "checkpoint from %d process(es) resumed on %d: random streams are reseeded and "
+                "the data order differs from an uninterrupted run",
                 len(rngs), self.world.size,
             )  # fmt: skip
             seed_everything(self.config["seed"] + self.step + self.world.rank)
