@@ -255,7 +255,9 @@ class MultiCrop:
         for group, flat in zip(groups, flats, strict=True):
             n = group.shape[0]
             flat = torch.baddbmm(offset[start : start + n], matrix[start : start + n], flat)
-            out.append(torch.clamp(flat, self.low, self.high, out=flat).view(group.shape))
+            # maximum/minimum: clamp with per-channel tensor bounds is ~8x slower on the CPU
+            torch.minimum(torch.maximum(flat, self.low, out=flat), self.high, out=flat)
+            out.append(flat.view(group.shape))
             start += n
         return out
 
