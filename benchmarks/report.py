@@ -1,4 +1,8 @@
-"""Print a results file as a table: `python benchmarks/report.py [results/FILE.json]`."""
+"""Print a results file as a table.
+
+    python benchmarks/report.py [results/FILE.json] [--markdown]
+
+Without a file, the newest in results/. --markdown prints a Markdown table (for the README)."""
 
 import glob
 import json
@@ -7,50 +11,72 @@ import sys
 
 from harness import RESULTS_DIR
 
+COLUMNS = ("op", "shape", "dtype", "mode", "backend", "ms", "rate", "of peak", "vs eager")
+RIGHT = {"ms", "rate", "of peak", "vs eager"}
+
 
 def rate_text(entry: dict) -> str:
     if "tbps" in entry:
         tbps = entry["tbps"]
         return f"{tbps:.2f} TB/s" if tbps >= 0.1 else f"{tbps * 1e3:.1f} GB/s"
     if "tflops" in entry:
-        return f"{entry['tflops']:.2f} TFLOP/s"
+        tflops = entry["tflops"]
+        return f"{tflops:.1f} TFLOP/s" if tflops >= 0.1 else f"{tflops * 1e3:.1f} GFLOP/s"
     return "-"
 
 
+def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
+    """One row per entry, sorted by op, shape, mode and backend; speed-ups against eager."""
+
+    def key(e):
+        return (e["op"], json.dumps(e["shape"]), e["dtype"], e["mode"])
+
+    rows = sorted(results, key=lambda e: (*key(e), e["backend"]))
+    eager = {key(e): e["median_ms"] for e in rows if e["backend"] == "eager"}
+    out = []
+    for e in rows:
+        base = eager.get(key(e))
+        out.append((
+            e["op"], ",".join(f"{k}={v}" for k, v in e["shape"].items()), e["dtype"],
+            e["mode"], e["backend"], f"{e['median_ms']:.3f}", rate_text(e),
+            f"{e['fraction_of_peak']:.0%}", f"{base / e['median_ms']:.2f}x" if base else "-",
+        ))  # fmt: skip
+    return out
+
+
 def main(argv: list[str]) -> int:
-    path = (
-        argv[0]
-        if argv
-        else max(glob.glob(os.path.join(RESULTS_DIR, "*.json")), key=os.path.getmtime)
-    )
+    markdown = "--markdown" in argv
+    files = [a for a in argv if a != "--markdown"]
+    newest = max(glob.glob(os.path.join(RESULTS_DIR, "*.json")), key=os.path.getmtime, default=None)
+    path = files[0] if files else newest
+    if path is None:
+        raise SystemExit(f"no results in {RESULTS_DIR}: run `make bench` first")
     with open(path) as f:
         data = json.load(f)
     peaks = data["peaks"]
     print(f"{data['device']}  torch {data['torch']}  triton {data['triton']}  {data['date']}")
     print(
-        f"measured peaks: copy {peaks['copy_tbps']:.3f} TB/s, "
-        f"{peaks['matmul_dtype']} matmul {peaks['matmul_tflops']:.1f} TFLOP/s"
+        f"measured peaks: copy {peaks['copy_tbps'] * 1e3:.1f} GB/s, "
+        f"{peaks['matmul_dtype']} matmul {peaks['matmul_tflops']:.3f} TFLOP/s\n"
     )
-    rows = sorted(
-        data["results"], key=lambda e: (e["op"], json.dumps(e["shape"]), e["mode"], e["backend"])
-    )
-    eager = {
-        (e["op"], json.dumps(e["shape"]), e["mode"], e["dtype"]): e["median_ms"]
-        for e in rows
-        if e["backend"] == "eager"
-    }
-    print(
-        f"{'op':<16}{'shape':<34}{'mode':<9}{'backend':<9}"
-        f"{'ms':>9}{'rate':>14}{'of peak':>9}{'vs eager':>10}"
-    )
-    for e in rows:
-        shape = ",".join(f"{k}={v}" for k, v in e["shape"].items())
-        rate = rate_text(e)
-        base = eager.get((e["op"], json.dumps(e["shape"]), e["mode"], e["dtype"]))
-        speedup = f"{base / e['median_ms']:.2f}x" if base else "-"
-        print(
-            f"{e['op']:<16}{shape:<34}{e['mode']:<9}{e['backend']:<9}{e['median_ms']:>9.3f}{rate:>14}{e['fraction_of_peak']:>8.0%}{speedup:>10}"
+    rows = table_rows(data["results"])
+    if markdown:
+        print("| " + " | ".join(COLUMNS) + " |")
+        print("| " + " | ".join("---:" if c in RIGHT else "---" for c in COLUMNS) + " |")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        return 0
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+
+    def line(cells):
+        return "  ".join(
+            cell.rjust(w) if name in RIGHT else cell.ljust(w)
+            for name, cell, w in zip(COLUMNS, cells, widths, strict=True)
         )
+
+    print(line(COLUMNS))
+    for row in rows:
+        print(line(row))
     return 0
 
 

@@ -38,9 +38,9 @@ MODEL_NAMES = {"random": "random init", "baseline": "self-distillation", "clasp"
 BUDGET_S = {"synth": 25, "teacher": 100, "label": 20, "clasp": 230, "baseline": 200, "eval": 120}
 SCALES = {
     "default": {
-        "synth": {"ids": 300, "images_per_id": 8, "cameras": 4},
-        "teacher": ["steps=500", "batch_size=64", "max_seconds=150"],
-        "pretrain": ["optim.steps=300", "data.batch_size=32"],
+        "synth": {"ids": 200, "images_per_id": 8, "cameras": 4},
+        "teacher": ["steps=180", "batch_size=64", "max_seconds=120"],
+        "pretrain": ["optim.steps=150", "data.batch_size=32"],
     },
     # A smoke test: every stage on a handful of images and a tiny model.
     "tiny": {

@@ -235,7 +235,7 @@ class FeatureBank:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.size, self.mean, self.std = encoder_input(encoder)
-        self._cache: dict[tuple[int, str], Features] = {}
+        self._cache: dict[tuple[int, str], tuple[PreparedSet, Features]] = {}
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -243,7 +243,8 @@ class FeatureBank:
 
     def __call__(self, prepared: PreparedSet, task=None, *, patches: bool = True) -> Features:
         key = (id(prepared), task_key(task))
-        cached = self._cache.get(key)
+        # The entry keeps the set alive, so its id cannot be reused by another set.
+        _, cached = self._cache.get(key, (None, None))
         if cached is not None and (cached.patches is not None or not patches):
             return cached
         pooled, grids = [], []
@@ -258,7 +259,7 @@ class FeatureBank:
                 if patches:
                     grids.append(out_patches.float().cpu())
         features = Features(torch.cat(pooled), torch.cat(grids) if patches else None)
-        self._cache[key] = features
+        self._cache[key] = (prepared, features)
         return features
 
 

@@ -14,8 +14,6 @@ import argparse
 import json
 import sys
 
-from clasp.model import load_backbone, save_backbone
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="training checkpoint (checkpoint.pt)")
@@ -41,6 +39,8 @@ def parse_task(text: str | None):
 
 
 def main(args: argparse.Namespace) -> int:
+    from clasp.model import load_backbone, save_backbone
+
     try:
         task = parse_task(args.task)
         backbone = load_backbone(args.checkpoint, task, weights=args.weights)

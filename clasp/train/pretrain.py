@@ -21,8 +21,6 @@ import yaml
 
 from clasp.config import load_config
 
-from .config import DEFAULTS
-
 log = logging.getLogger("clasp.train")
 
 
@@ -42,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(path: str | None, overrides: list[str], resume: str | None = None) -> dict:
+    """DEFAULTS <- the YAML file at path <- key.sub=value overrides (<- --resume)."""
+    from .config import DEFAULTS  # imports the model (timm): not needed for --help
+
     config = load_config(DEFAULTS, path, overrides)
     if resume is not None:
         config["train"]["resume"] = resume

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -138,6 +139,7 @@ class Trainer:
             disable=not (main and train["progress"]),
             unit="step",
             dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line a 30 s
         )
         images_per_step = self.sampler.batch_size * self.world.size
         last_checkpoint = None
