@@ -18,13 +18,13 @@ import triton
 
 from . import reference
 from .grouped_gemm import (
-    MIN_BLOCK_N,
     launch_act_bwd,
     launch_grouped_mm,
     launch_grouped_wgrad,
     launch_segment_sum,
     launch_sum_slots,
 )
+from .grouped_gemm_kernels import MIN_BLOCK_N
 from .reference import ACTIVATIONS, Routing
 from .utils import check_same_device, check_tensor, new_output, use_triton
 
