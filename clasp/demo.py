@@ -330,6 +330,10 @@ def report(out: str, results: dict, stage_seconds: dict, total_seconds: float) -
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from clasp.teacher.cache import file_sha256
+
+    if not os.path.isfile(args.config):
+        raise SystemExit(f"clasp demo: config file not found: {args.config}")
     scale = SCALES[args.scale]
     out = os.path.abspath(args.out)
     if args.force and os.path.isdir(out):
@@ -340,6 +344,7 @@ def main(args: argparse.Namespace) -> int:
     settings = {
         "scale": args.scale, "config": os.path.abspath(args.config), "seed": args.seed,
         "pretrain_overrides": args.pretrain_overrides,
+        "config_sha256": file_sha256(args.config),  # an edited config starts over too
     }  # fmt: skip
     budgets = BUDGET_S if args.scale == "default" else {}
     stages = Stages(out, settings, budgets)

@@ -142,7 +142,10 @@ class MultiCrop:
     or local_scale of the image area, its aspect (h / w) is the output's times a log-uniform
     factor in `ratio`. Colour jitter (brightness, contrast, saturation, hue strengths) applies
     to a crop with probability jitter_p, then greyscale with grayscale_p; both act as one
-    colour matrix per crop, clamped once. Sources much larger than needed are first
+    colour matrix per crop, clamped once. With `focus_key` (a label map of the sample, e.g.
+    the teacher's part labels), local crops are drawn inside the box around the map's
+    foreground (values > 0), their area a fraction of that box's: the student's small views
+    then show the person rather than the background. Sources much larger than needed are first
     downscaled with antialiasing so that the smallest global crop keeps about global_size
     pixels.
     """
@@ -165,6 +168,7 @@ class MultiCrop:
         label_keys: Sequence[str] | Mapping[str, str] = ("parts",),
         patch_size: int | None = None,
         keypoint_flip_pairs=COCO_FLIP_PAIRS,
+        focus_key: str | None = None,
         generator: torch.Generator | None = None,
     ):
         if n_global < 1 or n_local < 0:
@@ -192,6 +196,7 @@ class MultiCrop:
         self.label_spec = _label_spec(label_keys, patch_size)
         self.patch_size = patch_size
         self.keypoint_flip_pairs = keypoint_flip_pairs
+        self.focus_key = focus_key
         self.generator = generator
         shrink = np.sqrt(global_scale[0])
         self.work_size = (global_size[0] / shrink, global_size[1] / shrink)
@@ -199,17 +204,36 @@ class MultiCrop:
     def patch_grid(self, size) -> tuple[int, int]:
         return size[0] // self.patch_size, size[1] // self.patch_size
 
-    def sample_boxes(self, rng: np.random.Generator, image_size, out_sizes, scales):
+    def sample_boxes(self, rng: np.random.Generator, image_size, out_sizes, scales, regions=None):
         """(N, 4) normalised boxes, one per row of out_sizes (N, 2) and scales (N, 2): area
-        a fraction in scale of the image's, aspect near the output's, inside the image."""
+        a fraction in scale of its region's, aspect near the output's, inside the region.
+        regions (N, 4) normalised top, left, height, width; None: the whole image."""
         ih, iw = image_size
         n = len(out_sizes)
-        area = rng.uniform(scales[:, 0], scales[:, 1]) * ih * iw
+        if regions is None:
+            regions = np.tile([0.0, 0.0, 1.0, 1.0], (n, 1))
+        rh, rw = regions[:, 2] * ih, regions[:, 3] * iw
+        area = rng.uniform(scales[:, 0], scales[:, 1]) * rh * rw
         aspect = out_sizes[:, 0] / out_sizes[:, 1] * np.exp(rng.uniform(*self.log_ratio, n))
-        ch = np.minimum(np.sqrt(area * aspect), ih)
-        cw = np.minimum(np.sqrt(area / aspect), iw)
-        top, left = (ih - ch) * rng.random(n), (iw - cw) * rng.random(n)
-        return np.stack([top / ih, left / iw, ch / ih, cw / iw], axis=1)
+        ch = np.minimum(np.sqrt(area * aspect), rh)
+        cw = np.minimum(np.sqrt(area / aspect), rw)
+        top = regions[:, 0] + (rh - ch) * rng.random(n) / ih
+        left = regions[:, 1] + (rw - cw) * rng.random(n) / iw
+        return np.stack([top, left, ch / ih, cw / iw], axis=1)
+
+    def focus_region(self, sample: dict) -> np.ndarray | None:
+        """The normalised box (top, left, height, width) around the cells of the focus map
+        labelled > 0 (the person's parts; 0 is background, negative unknown), or None
+        when there is no such map or fewer than two such cells."""
+        label = sample.get(self.focus_key) if self.focus_key else None
+        if label is None:
+            return None
+        cells = torch.nonzero(label.reshape(label.shape[-2:]) > 0)
+        if len(cells) < 2:
+            return None
+        (r0, c0), (r1, c1) = cells.amin(0).tolist(), cells.amax(0).tolist()
+        gh, gw = label.shape[-2:]
+        return np.array([r0 / gh, c0 / gw, (r1 + 1 - r0) / gh, (c1 + 1 - c0) / gw])
 
     def color_matrices(self, rng: np.random.Generator, mean_rgb: np.ndarray):
         """Per-crop colour jitter and greyscale as one affine map: (N, 3, 3) and (N, 3, 1).
@@ -273,7 +297,12 @@ class MultiCrop:
             source = F.interpolate(source[None], size, mode="bilinear", antialias=True)[0]
         sizes = [self.global_size] * self.n_global + [self.local_size] * self.n_local
         scales = [self.global_scale] * self.n_global + [self.local_scale] * self.n_local
-        boxes = self.sample_boxes(rng, (ih, iw), np.array(sizes, float), np.array(scales))
+        regions = None
+        focus = self.focus_region(sample) if self.n_local else None
+        if focus is not None:
+            regions = np.tile([0.0, 0.0, 1.0, 1.0], (len(sizes), 1))
+            regions[self.n_global :] = focus
+        boxes = self.sample_boxes(rng, (ih, iw), np.array(sizes, float), np.array(scales), regions)
         flips = rng.random(len(sizes)) < self.flip_p
         groups = [(slice(0, self.n_global), self.global_size)]
         if self.n_local:

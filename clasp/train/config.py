@@ -28,6 +28,9 @@ DEFAULTS = {
         "local_size": [64, 32],  # the global size is model.img_size
         "global_scale": [0.4, 1.0],
         "local_scale": [0.1, 0.4],
+        # With pseudo-labels: local crops inside the box around the labelled person parts
+        # (their area a local_scale fraction of that box's), not anywhere in the image.
+        "locals_on_person": False,
         "flip_p": 0.5,
         "color_jitter": [0.4, 0.4, 0.2, 0.1],
         "jitter_p": 0.8,

@@ -175,6 +175,7 @@ def build_pretrain_data(config: dict, rank: int, world_size: int, patch_size: in
         grayscale_p=crops["grayscale_p"],
         label_keys={PARTS_KEY: "patch"} if cache is not None else {},
         patch_size=patch_size,
+        focus_key=PARTS_KEY if crops["locals_on_person"] else None,
     )
     pretrain = PretrainDataset(dataset, crop, probs / probs.sum(), config["seed"], cache, keys)
     sampler = ResumableSampler(pretrain, data["batch_size"], world_size, rank, config["seed"])

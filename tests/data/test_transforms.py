@@ -146,6 +146,33 @@ def test_crop_scales_and_aspect():
     assert "crop_labels" in out and out["crop_labels"] == {}
 
 
+def test_local_crops_fall_on_the_labelled_person():
+    """With focus_key, local boxes lie inside the box around the map's cells > 0, their area a
+    local_scale fraction of it; globals still span the image; no person = whole image."""
+    parts = torch.zeros(8, 4, dtype=torch.int64)
+    parts[2:7, 1:3] = 3  # the person: rows 2-6, columns 1-2 of the grid
+    parts[0, 0] = -1  # unknown cells are not the person
+    transform = MultiCrop(
+        n_global=2, n_local=40, local_scale=(0.1, 0.4), label_keys={"parts": "patch"},
+        patch_size=16, focus_key="parts",
+    )  # fmt: skip
+    image = torch.zeros(3, 128, 64, dtype=torch.uint8)
+    boxes = transform({"image": image, "parts": parts})["crop_boxes"]
+    top, left, height, width = boxes[2:, :4].unbind(1)
+    person = (2 / 8, 1 / 4, 5 / 8, 2 / 4)
+    assert (top >= person[0] - 1e-9).all() and (left >= person[1] - 1e-9).all()
+    assert (top + height <= person[0] + person[2] + 1e-9).all()
+    assert (left + width <= person[1] + person[3] + 1e-9).all()
+    area = height * width / (person[2] * person[3])
+    assert ((area >= 0.1 - 1e-9) & (area <= 0.4 + 1e-9)).all()
+    assert (boxes[:2, 2] * boxes[:2, 3] >= 0.4 - 1e-9).all()  # globals: of the whole image
+
+    background_only = torch.zeros(8, 4, dtype=torch.int64)
+    boxes = transform({"image": image, "parts": background_only})["crop_boxes"]
+    outside = (boxes[2:, 0] < person[0]) | (boxes[2:, 1] + boxes[2:, 3] > person[1] + person[3])
+    assert outside.any()  # no foreground: locals anywhere in the image
+
+
 def colour_pair(jitter, seed=0):
     """Global crops without and with a colour setting, from the same crop boxes."""
     ys, xs = torch.meshgrid(torch.arange(64), torch.arange(32), indexing="ij")
