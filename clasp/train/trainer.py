@@ -139,7 +139,7 @@ class Trainer:
             disable=not (main and train["progress"]),
             unit="step",
             dynamic_ncols=True,
-            mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line a 30 s
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,  # in a log file: a line per 30 s
         )
         images_per_step = self.sampler.batch_size * self.world.size
         last_checkpoint = None
