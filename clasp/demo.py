@@ -146,7 +146,7 @@ def pseudo_label_quality(synth: str, labels: str) -> dict:
     import torch
 
     from clasp.data.build import build_dataset
-    from clasp.eval.pseudo_labels import attribute_label_quality, part_label_quality
+    from clasp.eval.pseudo_labels import label_quality
     from clasp.teacher.cache import LabelCache, file_sha256
 
     cache = LabelCache(labels)
@@ -163,14 +163,7 @@ def pseudo_label_quality(synth: str, labels: str) -> dict:
         target.append(sample["attributes"])
     if not grids:
         raise ValueError(f"none of the train images of {synth} is in the label cache {labels}")
-    quality = part_label_quality(grids, masks, cache.part_names)
-    quality.update(
-        attribute_label_quality(
-            torch.stack(soft), torch.stack(target), cache.group_sizes, cache.attribute_names
-        )
-    )
-    quality["images"] = len(grids)
-    return quality
+    return label_quality(grids, masks, torch.stack(soft), torch.stack(target), cache)
 
 
 def overlay_sheet(folder: str, path: str, columns: int = 8) -> str | None:

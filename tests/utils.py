@@ -1,7 +1,9 @@
-"""Helpers shared by the kernel tests: tolerances per dtype, poisoned outputs, random inputs."""
+"""Helpers shared by the tests: tolerances per dtype, poisoned outputs, random inputs, and the
+one-thread fixture of the model-sized tests."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from clasp.kernels import poison_outputs
 from clasp.kernels.utils import poison_value
@@ -100,3 +102,13 @@ def randn(
 def as_reference_input(t: torch.Tensor) -> torch.Tensor:
     """An fp64 leaf copy of t for the reference run (gradients kept separately)."""
     return t.detach().double().requires_grad_(t.requires_grad)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models on a shared 2-core machine run fastest (and steadiest) on one thread:
+    each test worker owns about one core. Autouse where a conftest imports it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -65,3 +65,21 @@ def attribute_label_quality(
         "attribute_instance_f1": metrics["instance_f1"],
         "attribute_accuracy": metrics["per_attribute_accuracy"],
     }
+
+
+def label_quality(
+    grids: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    soft: torch.Tensor,
+    target: torch.Tensor,
+    vocabulary,
+) -> dict:
+    """Part and attribute quality of N images' pseudo-labels in one dict, plus "images".
+    vocabulary: anything with part_names, group_sizes and attribute_names (the teacher's
+    prompts, a label cache)."""
+    quality = part_label_quality(grids, masks, vocabulary.part_names)
+    quality.update(
+        attribute_label_quality(soft, target, vocabulary.group_sizes, vocabulary.attribute_names)
+    )
+    quality["images"] = len(grids)
+    return quality

@@ -477,7 +477,7 @@ def teacher_quality(
 ) -> dict:
     """Pseudo-labels of the saved teacher on a synthetic split (through the labeler's own
     `ClipTeacher.label`) against its ground truth; see `clasp.eval.pseudo_labels`."""
-    from clasp.eval.pseudo_labels import attribute_label_quality, part_label_quality
+    from clasp.eval.pseudo_labels import label_quality
 
     from .clip import load_teacher
 
@@ -497,14 +497,7 @@ def teacher_quality(
         masks += [s["parts"] for s in samples]
         soft.append(labels["attributes"])
         target += [s["attributes"] for s in samples]
-    quality = part_label_quality(grids, masks, prompts.part_names)
-    quality.update(
-        attribute_label_quality(
-            torch.cat(soft), torch.stack(target), prompts.group_sizes, prompts.attribute_names
-        )
-    )
-    quality["images"] = len(indices)
-    return quality
+    return label_quality(grids, masks, torch.cat(soft), torch.stack(target), prompts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from clasp.data.synthetic import generate
+from tests.utils import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 
 class TimmPatchEncoder(nn.Module):
@@ -58,12 +59,3 @@ def tiny_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("config") / "tiny.yaml"
     path.write_text(TINY_CLASP)
     return str(path)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Each test worker owns about one core: more threads only contend with the other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -1,5 +1,6 @@
 import pytest
-import torch
+
+from tests.utils import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 from .helpers import make_label_cache, make_synth
 
@@ -12,12 +13,3 @@ def synth_root(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def label_cache(synth_root, tmp_path_factory) -> str:
     return make_label_cache(synth_root, str(tmp_path_factory.mktemp("labels")))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared 2-core machine run fastest (and steadiest) on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
