@@ -1,21 +1,12 @@
 import pytest
 import torch
 from clasp.kernels import l2_normalize, reference
+from harness import cases, machine_shapes
 
 SHAPES = {"cuda": [(256, 196, 768), (256, 196, 512)], "cpu": [(16, 196, 768)]}
 
 
-def cases():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for shape in SHAPES[device]:
-        for mode in ("fwd", "fwd+bwd"):
-            for backend in ("triton", "eager", "compile"):
-                yield pytest.param(
-                    shape, mode, backend, id=f"{'x'.join(map(str, shape))}-{mode}-{backend}"
-                )
-
-
-@pytest.mark.parametrize("shape,mode,backend", list(cases()))
+@pytest.mark.parametrize("shape,mode,backend", cases(machine_shapes(SHAPES)))
 def test_l2_normalize(shape, mode, backend, device, measure):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     x = torch.randn(*shape, device=device, dtype=dtype, requires_grad=mode != "fwd")

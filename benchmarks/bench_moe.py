@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clasp.kernels import moe_mlp, reference
+from harness import cases, machine_shapes
 
 # (T, d, f, E, k): ViT-B tokens of a 256-image batch at 256x128 (128 patches + cls), and an
 # LLM-like layer with many small experts; on the CPU, one small shape.
@@ -48,17 +49,7 @@ def grouped_mm_unsupported(device, dtype) -> str | None:
     return None
 
 
-def cases():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for shape in SHAPES[device]:
-        for mode in ("fwd", "fwd+bwd"):
-            for backend in BACKENDS:
-                yield pytest.param(
-                    shape.values[0], mode, backend, id=f"{shape.id}-{mode}-{backend}"
-                )
-
-
-@pytest.mark.parametrize("shape,mode,backend", list(cases()))
+@pytest.mark.parametrize("shape,mode,backend", cases(machine_shapes(SHAPES), backends=BACKENDS))
 def test_moe_mlp(shape, mode, backend, device, measure):
     T, d, f, E, k = shape
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

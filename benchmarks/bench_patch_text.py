@@ -8,6 +8,7 @@ reference anyway (the interpreter is no speed target), so only the eager rows ex
 import pytest
 import torch
 from clasp.kernels import patch_text_labels, reference
+from harness import cases
 
 CUDA = torch.cuda.is_available()
 # (B, N, D, C): the shapes on CUDA, a small one on the CPU.
@@ -18,16 +19,9 @@ THRESHOLD = 0.3
 TEMPERATURE = 0.01
 
 
-def kernel_cases():
-    for shape in KERNEL_SHAPES:
-        for mode in ("labels", "labels+probs"):
-            for backend in ("triton", "eager", "compile"):
-                yield pytest.param(
-                    shape, mode, backend, id=f"{'x'.join(map(str, shape))}-{mode}-{backend}"
-                )
-
-
-@pytest.mark.parametrize("shape,mode,backend", list(kernel_cases()))
+@pytest.mark.parametrize(
+    "shape,mode,backend", cases(KERNEL_SHAPES, modes=("labels", "labels+probs"))
+)
 def test_patch_text_labels(shape, mode, backend, device, measure):
     B, N, D, C = shape
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

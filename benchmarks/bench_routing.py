@@ -1,6 +1,7 @@
 import pytest
 import torch
 from clasp.kernels import reference, route
+from harness import cases, machine_shapes
 
 TOP_K = 2
 # (B, N, d, E): ViT-B token grids on CUDA, a smaller batch on the CPU.
@@ -8,16 +9,6 @@ SHAPES = {
     "cuda": [(256, 129, 768, E) for E in (8, 16, 64)],
     "cpu": [(8, 129, 768, E) for E in (8, 16, 64)],
 }
-
-
-def cases():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for shape in SHAPES[device]:
-        for mode in ("fwd", "fwd+bwd"):
-            for backend in ("triton", "eager", "compile"):
-                yield pytest.param(
-                    shape, mode, backend, id=f"{'x'.join(map(str, shape))}-{mode}-{backend}"
-                )
 
 
 def minimum_bytes(B, N, d, E, element_size, mode) -> int:
@@ -36,7 +27,7 @@ def minimum_bytes(B, N, d, E, element_size, mode) -> int:
     return forward + 2 * T * d * element_size + params + 2 * T * TOP_K * 4 + (E + 1) * 4
 
 
-@pytest.mark.parametrize("shape,mode,backend", list(cases()))
+@pytest.mark.parametrize("shape,mode,backend", cases(machine_shapes(SHAPES)))
 def test_route(shape, mode, backend, device, measure):
     B, N, d, E = shape
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

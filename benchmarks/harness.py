@@ -15,10 +15,31 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
+import pytest
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BACKENDS = ("triton", "eager", "compile")
+
+
+def machine_shapes(shapes: dict) -> list:
+    """The shapes this machine benchmarks: shapes["cuda"] with a GPU, else shapes["cpu"]."""
+    return shapes["cuda" if torch.cuda.is_available() else "cpu"]
+
+
+def cases(shapes, modes=("fwd", "fwd+bwd"), backends=BACKENDS) -> list:
+    """pytest parameters (shape, mode, backend): every shape with every mode and backend. A
+    shape is a tuple (its id joins the numbers with "x") or a pytest.param holding one."""
+    params = []
+    for shape in shapes:
+        if type(shape) is tuple:  # not isinstance: a pytest.param is a tuple too
+            value, name = shape, "x".join(map(str, shape))
+        else:
+            value, name = shape.values[0], shape.id
+        for mode in modes:
+            for backend in backends:
+                params.append(pytest.param(value, mode, backend, id=f"{name}-{mode}-{backend}"))
+    return params
 
 
 @dataclass
