@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from clasp.train.config import build_config
 from clasp.train.distributed import World
-from clasp.train.pretrain import build_config
 from clasp.train.step import PretrainStep
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

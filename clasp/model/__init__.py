@@ -7,7 +7,7 @@ pooled, patches = backbone.extract(images, task={"reid": 0.5, "attributes": 0.5}
 
 from .heads import AttributeHead, DINOHead, PartHead
 from .io import load_backbone, save_backbone, timm_state_dict
-from .moe import PCMoE, kernel_ops
+from .pc_moe import PCMoE, PCMoEBlock
 from .pretrain_model import HEAD_DEFAULTS, PretrainModel
 from .prompts import TASK_DESCRIPTIONS, TASKS, TaskPrompts
 from .vit import IMAGE_MEAN, IMAGE_STD, MODEL_DEFAULTS, ClaspViT, build_backbone, model_config
@@ -46,12 +46,12 @@ __all__ = [
     "ClaspViT",
     "DINOHead",
     "PCMoE",
+    "PCMoEBlock",
     "PartHead",
     "PretrainModel",
     "TaskPrompts",
     "build_backbone",
     "build_model",
-    "kernel_ops",
     "load_backbone",
     "model_config",
     "save_backbone",

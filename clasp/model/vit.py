@@ -1,8 +1,11 @@
 """The student backbone: a timm VisionTransformer whose MLP in chosen blocks is a PC-MoE.
 
-The timm model is kept as is (`self.vit`), so its dense weights keep timm's names and
-downstream code can load them into a plain timm ViT; the MoE layers sit where the MLPs were
-(`blocks.<i>.mlp`), and the task prompts beside the ViT (`prompts.embedding`).
+The timm model is kept (`self.vit`), so its dense weights keep timm's names and downstream
+code can load them into a plain timm ViT; the MoE blocks sit where their blocks were
+(`blocks.<i>`, with the MoE at `blocks.<i>.mlp`), and the task prompts beside the ViT
+(`prompts.embedding`). The backbone runs its own block loop, as dinov2's `forward_features`
+does: a PC-MoE block takes the prompt as an argument and returns its routing, and gradient
+checkpointing wraps that call, so recomputation in backward sees the same prompt.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import torch
 import torch.nn as nn
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
+from torch.utils.checkpoint import checkpoint
 
 from clasp.config import load_yaml, merge
 
-from .moe import PCMoE
+from .pc_moe import PCMoE, PCMoEBlock, check_backend
 from .prompts import TASKS, TaskPrompts, TaskSpec
 
 # Pixel statistics the backbone expects: images are float, RGB in [0, 1], then normalised.
@@ -116,7 +120,7 @@ class ClaspViT(nn.Module):
         )
         for block in self.vit.blocks:
             block.attn.fused_attn = cfg["attention"] != "eager"
-        self.vit.set_grad_checkpointing(bool(cfg["grad_checkpointing"]))
+        self.grad_checkpointing = bool(cfg["grad_checkpointing"])
         dim = cfg["embed_dim"]
         prompt_dim = cfg["prompt_dim"] or dim
         self.prompts = TaskPrompts(cfg["tasks"], prompt_dim)
@@ -128,7 +132,7 @@ class ClaspViT(nn.Module):
                 f"moe.blocks {moe['blocks']} must be distinct indexes in [-{depth}, {depth})"
             )
         for i in self.moe_blocks:
-            self.vit.blocks[i].mlp = PCMoE(
+            layer = PCMoE(
                 dim,
                 int(dim * moe["mlp_ratio"]),
                 moe["num_experts"],
@@ -138,6 +142,7 @@ class ClaspViT(nn.Module):
                 normalize=moe["normalize"],
                 backend=cfg["kernels"],
             )
+            self.vit.blocks[i] = PCMoEBlock(self.vit.blocks[i], layer)
         self.default_task: TaskSpec = None
         self.register_buffer("pixel_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), False)
@@ -158,8 +163,13 @@ class ClaspViT(nn.Module):
     def set_kernel_backend(self, backend: str) -> None:
         """Switch every MoE layer between "auto", "triton" and "reference" kernels."""
         for layer in self.moe_layers:
-            layer.backend = backend
+            layer.backend = check_backend(backend)
         self.config["kernels"] = backend
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of keeping them."""
+        self.grad_checkpointing = enable
+        self.config["grad_checkpointing"] = enable
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         if height % self.patch_size or width % self.patch_size:
@@ -183,17 +193,19 @@ class ClaspViT(nn.Module):
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         self.grid_size(*images.shape[2:])
         prompt = self.prompts(task_weights)
-        layers = self.moe_layers
-        for layer in layers:
-            layer.set_prompt(prompt)
-        try:
-            tokens = self.vit.forward_features(images)
-            routings = [layer.last_routing for layer in layers]
-        finally:
-            for layer in layers:
-                layer.set_prompt(None)
-                layer.last_routing = None
-        return tokens, routings
+        vit = self.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        routings = []
+        for block in vit.blocks:
+            args = (x, prompt) if isinstance(block, PCMoEBlock) else (x,)
+            out = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
+            if isinstance(block, PCMoEBlock):
+                x, routing = out
+                routings.append(routing)
+            else:
+                x = out
+        return vit.norm(x), routings
 
     def forward(self, images: torch.Tensor, task: TaskSpec = None) -> torch.Tensor:
         """(B, 3, H, W) normalised -> pooled features (B, D) for `task` (see `extract`)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from clasp.config import load_config
 from clasp.model import HEAD_DEFAULTS, MODEL_DEFAULTS, TASKS
 
 DEFAULTS = {
@@ -92,3 +93,12 @@ DEFAULTS = {
         "backend": "auto",  # auto: nccl on CUDA, gloo on CPU
     },
 }
+
+
+def build_config(path: str | None, overrides: list[str] = (), resume: str | None = None) -> dict:
+    """The full pre-training config: DEFAULTS <- the YAML file at path <- key.sub=value
+    overrides (<- resume, the --resume value, into train.resume)."""
+    config = load_config(DEFAULTS, path, overrides)
+    if resume is not None:
+        config["train"]["resume"] = resume
+    return config

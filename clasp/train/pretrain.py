@@ -19,8 +19,6 @@ import sys
 
 import yaml
 
-from clasp.config import load_config
-
 log = logging.getLogger("clasp.train")
 
 
@@ -39,16 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_config(path: str | None, overrides: list[str], resume: str | None = None) -> dict:
-    """DEFAULTS <- the YAML file at path <- key.sub=value overrides (<- --resume)."""
-    from .config import DEFAULTS  # imports the model (timm): not needed for --help
-
-    config = load_config(DEFAULTS, path, overrides)
-    if resume is not None:
-        config["train"]["resume"] = resume
-    return config
-
-
 def main(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
@@ -56,6 +44,7 @@ def main(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    from .config import build_config
     from .trainer import NonFiniteLossError, train
 
     try:

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from clasp.losses import AttributeLoss, DINOLoss, PartLoss, load_balance_loss, router_z_loss
 from clasp.model import build_model
 
-from . import distributed as D
-from .data import PARTS_KEY
+from . import distributed
+from .pretrain_data import PretrainBatch
 from .schedules import Schedules
 
 log = logging.getLogger("clasp.train")
@@ -28,17 +28,13 @@ NO_DECAY_SUFFIXES = (".bias", ".b1", ".b2")
 
 
 class PretrainStep:
-    """Builds the student (wrapped for DDP/FSDP), the EMA teacher, losses and optimiser.
-
-    A batch is a dict: "crops" list of n_global + n_local (B, 3, h, w) normalised crops,
-    "task" (B,) int64 task indices, and with labels PARTS_KEY (list of per-crop (B, gh, gw)
-    int64, -1 = none) and "pseudo_attributes" (B, A) float (NaN = unknown).
-    """
+    """Builds the student (wrapped for DDP/FSDP), the EMA teacher, losses and optimiser, and
+    runs one optimiser step on a `PretrainBatch`; the step object of `TrainingLoop`."""
 
     def __init__(
         self,
         config: dict,
-        world: D.World,
+        world: distributed.World,
         num_parts: int | None = None,
         num_attributes: int | None = None,
     ):
@@ -53,9 +49,9 @@ class PretrainStep:
         if config["train"]["compile"]:
             model.compile()
         teacher = copy.deepcopy(model).requires_grad_(False)
-        self.student = D.wrap(model, strategy, world)
-        self.teacher = D.shard(teacher, world) if strategy == "fsdp" else teacher
-        self.model = D.unwrap(self.student)
+        self.student = distributed.wrap(model, strategy, world)
+        self.teacher = distributed.shard(teacher, world) if strategy == "fsdp" else teacher
+        self.model = distributed.unwrap(self.student)
         self.optimizer = self._optimizer()
         self.ema_pairs = self._ema_pairs()
 
@@ -72,7 +68,6 @@ class PretrainStep:
             torch.bfloat16 if amp == "bf16" or (amp == "auto" and self.device.type == "cuda")
             else None
         )  # fmt: skip
-        self._teacher_dino: torch.Tensor | None = None
 
     def _init_prompts(self, model) -> None:
         source = self.config["prompt_init"]
@@ -118,8 +113,30 @@ class PretrainStep:
         rows = [[float(table[t].get(k, 0.0)) for k in ("dino", "part", "attribute")] for t in tasks]
         return torch.tensor(rows)
 
+    # -- the loop's interface -----------------------------------------------------------------
+    def train(self) -> None:
+        self.student.train()
+
+    def state_dict(self) -> dict:
+        """model, teacher, optimizer and dino_loss states (full, on CPU); a collective."""
+        return {
+            "model": distributed.full_model_state(self.student),
+            "teacher": distributed.full_model_state(self.teacher),
+            "optimizer": distributed.full_optimizer_state(self.student, self.optimizer),
+            "dino_loss": {k: v.cpu() for k, v in self.dino_loss.state_dict().items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        distributed.load_model_state(self.student, state["model"])
+        distributed.load_model_state(self.teacher, state["teacher"])
+        distributed.load_optimizer_state(self.student, self.optimizer, state["optimizer"])
+        self.dino_loss.load_state_dict(state["dino_loss"])
+
     # -- one step -----------------------------------------------------------------------------
-    def compute_losses(self, batch: dict, values: dict) -> dict[str, torch.Tensor]:
+    def compute_losses(
+        self, batch: PretrainBatch, values: dict
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(loss terms, the EMA teacher's DINO logits of the global crops, for the center)."""
         G = self.config["crops"]["n_global"]
         crops = [c.to(self.device, non_blocking=True) for c in batch["crops"]]
         global_crops = torch.cat(crops[:G])
@@ -131,13 +148,12 @@ class PretrainStep:
                 teacher_out = self.teacher(global_crops, task_weights, None, label_heads=False)
             out = self.student(global_crops, task_weights, local_crops)
         weights = self.loss_table[task]  # (B, 3)
-        self._teacher_dino = teacher_out["dino_global"]
         targets = self.dino_loss.teacher_targets(teacher_out["dino_global"], values["teacher_temp"])
         dino = self.dino_loss(out["dino_global"], out["dino_local"], targets, G)
         terms = {"dino": (weights[:, 0] * dino).mean()}
         B = task.shape[0]
         if out["part_logits"] is not None:
-            labels = torch.cat(batch[PARTS_KEY][:G]).to(self.device, non_blocking=True)
+            labels = torch.cat(batch["pseudo_parts"][:G]).to(self.device, non_blocking=True)
             per_crop, _ = self.part_loss(out["part_logits"], labels)
             terms["part"] = (weights[:, 1] * per_crop.view(G, B).mean(0)).mean()
         if out["attribute_logits"] is not None:
@@ -147,9 +163,11 @@ class PretrainStep:
         if out["probs_mean"] is not None:
             terms["load_balance"] = load_balance_loss(out["probs_mean"], out["counts"])
             terms["z_loss"] = router_z_loss(out["z_loss"])
-        return terms
+        return terms, teacher_out["dino_global"]
 
-    def __call__(self, batch: dict, step: int, stop: int = 0) -> tuple[dict[str, float], bool, int]:
+    def __call__(
+        self, batch: PretrainBatch, step: int, stop: int = 0
+    ) -> tuple[dict[str, float], bool, int]:
         """Optimiser step number `step` (0-based). `stop`: a signal number this rank was sent
         (0: none). Returns (metrics, ok, stop of any rank); ok is False when a loss term or
         the gradient norm is not finite on any rank, in which case nothing was updated."""
@@ -158,7 +176,7 @@ class PretrainStep:
             group["lr"] = values["lr"]
             if group.get("apply_decay"):
                 group["weight_decay"] = values["weight_decay"]
-        terms = self.compute_losses(batch, values)
+        terms, teacher_dino = self.compute_losses(batch, values)
         weights = self.config["loss"]
         total = sum(weights[name] * value for name, value in terms.items())
         total.backward()
@@ -177,7 +195,7 @@ class PretrainStep:
             [total.detach(), *(t.detach() for t in terms.values()), grad_norm.to(self.device)]
         ).float()
         flags = torch.stack([(~torch.isfinite(checked)).any().float(), checked.new_tensor(stop)])
-        flags = D.all_reduce_max(flags).tolist()
+        flags = distributed.all_reduce_max(flags).tolist()
         numbers = checked.tolist()
         metrics = {"loss": numbers[0], **dict(zip(terms, numbers[1:-1], strict=True))}
         metrics["grad_norm"] = numbers[-1]
@@ -191,6 +209,5 @@ class PretrainStep:
             teacher, student = self.ema_pairs
             torch._foreach_mul_(teacher, values["momentum"])
             torch._foreach_add_(teacher, student, alpha=1.0 - values["momentum"])
-        self.dino_loss.update_center(self._teacher_dino)
-        self._teacher_dino = None
+        self.dino_loss.update_center(teacher_dino)
         return metrics, True, int(flags[1])

@@ -1,12 +1,13 @@
-"""The PC-MoE layer against an explicit per-token loop, prompt control of the routing, and the
-Triton path of the whole model against its reference path."""
+"""The PC-MoE layer against an explicit per-token loop, prompt control of the routing, the
+Triton path of the whole model against its reference path, gradient checkpointing and
+torch.compile of the MoE block."""
 
 import clasp.kernels
 import pytest
 import torch
 import torch.nn.functional as F
 
-from clasp.model import PCMoE, build_backbone
+from clasp.model import PCMoE, PCMoEBlock, build_backbone
 from tests.utils import assert_close
 
 
@@ -42,8 +43,7 @@ def test_pcmoe_matches_a_per_token_loop(top_k, normalize):
             p.normal_()
     x = torch.randn(3, 5, d, dtype=torch.float64, requires_grad=True)
     prompt = torch.randn(3, P, dtype=torch.float64, requires_grad=True)
-    layer.set_prompt(prompt)
-    y = layer(x)
+    y, routing = layer(x, prompt)
     expected = dense_loop(layer, x, prompt)
     assert_close(y, expected)
     grad = torch.randn_like(y)
@@ -52,7 +52,7 @@ def test_pcmoe_matches_a_per_token_loop(top_k, normalize):
     want = torch.autograd.grad(expected, params, grad)
     for name, g, w in zip(["x", "prompt", *dict(layer.named_parameters())], got, want, strict=True):
         assert_close(g, w, msg=name)
-    assert layer.last_routing.counts.sum() == 3 * 5 * top_k
+    assert routing.counts.sum() == 3 * 5 * top_k
 
 
 def test_prompt_steers_each_samples_routing():
@@ -61,19 +61,15 @@ def test_prompt_steers_each_samples_routing():
     with torch.no_grad():
         layer.w_prompt.copy_(100 * torch.eye(P, E))  # prompt i adds 100 to expert i's logit
     experts = torch.tensor([2, 0, 3])
-    layer.set_prompt(F.one_hot(experts, P).float())
-    layer(torch.randn(3, 7, d))
-    chosen = layer.last_routing.expert_idx.view(3, 7)
+    _, routing = layer(torch.randn(3, 7, d), F.one_hot(experts, P).float())
+    chosen = routing.expert_idx.view(3, 7)
     assert (chosen == experts[:, None]).all()
 
 
 def test_pcmoe_errors_name_the_problem():
     layer = PCMoE(8, 8, 4, 2, 4, backend="reference")
-    with pytest.raises(RuntimeError, match="set_prompt"):
-        layer(torch.randn(2, 3, 8))
-    layer.set_prompt(torch.randn(3, 4))
     with pytest.raises(ValueError, match=r"prompt must be \(2, 4\)"):
-        layer(torch.randn(2, 3, 8))
+        layer(torch.randn(2, 3, 8), torch.randn(3, 4))
     with pytest.raises(ValueError, match="top_k"):
         PCMoE(8, 8, 4, 5, 4)
     with pytest.raises(ValueError, match="kernel backend"):
@@ -113,3 +109,54 @@ def test_triton_path_matches_reference_path():
     assert_close(tri_tokens, ref_tokens, scale=10)
     for name, grad in ref_grads.items():
         assert_close(tri_grads[name], grad, scale=10, msg=name)
+
+
+def _run_backbone(model, images, weights):
+    """Tokens, routing statistics and every parameter's gradient of one forward/backward."""
+    model.zero_grad(set_to_none=True)
+    tokens, routings = model.forward_tokens(images, weights)
+    aux = sum(r.z_loss + (r.probs_mean * r.counts).sum() for r in routings)
+    (tokens.square().mean() + aux).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return tokens.detach(), routings, grads
+
+
+@pytest.mark.parametrize(
+    "kernels, dtype",
+    [pytest.param("reference", torch.float64, id="reference-fp64"),
+     pytest.param("triton", torch.float32, id="triton-interpreter")],
+)  # fmt: skip
+def test_grad_checkpointing_gives_the_same_tokens_and_gradients(kernels, dtype):
+    """Checkpointing re-runs every block, the PC-MoE ones with their prompt, in backward."""
+    config = {**TINY, "kernels": kernels, "drop_path_rate": 0.2}
+    plain = build_backbone(config, seed=0).to(dtype).train()
+    recomputed = build_backbone({**config, "grad_checkpointing": True}, seed=0).to(dtype).train()
+    recomputed.load_state_dict(plain.state_dict())
+    images = torch.randn(2, 3, 16, 16, dtype=dtype)
+    weights = torch.tensor([[1.0, 0, 0, 0, 0], [0, 0.5, 0, 0, 0.5]], dtype=dtype)
+    with torch.random.fork_rng():  # the same drop-path draws in both runs
+        want = _run_backbone(plain, images, weights)
+    with torch.random.fork_rng():
+        got = _run_backbone(recomputed, images, weights)
+    assert_close(got[0], want[0])
+    for r, g in zip(want[1], got[1], strict=True):
+        assert torch.equal(r.expert_idx, g.expert_idx)
+    assert got[2].keys() == want[2].keys() and len(want[2]) == len(list(plain.parameters()))
+    for name, grad in want[2].items():
+        assert_close(got[2][name], grad, msg=name)
+
+
+def test_compiled_moe_block_matches_eager():
+    backbone = build_backbone({**TINY, "kernels": "reference"}, seed=0)
+    block = backbone.vit.blocks[0]
+    assert isinstance(block, PCMoEBlock)
+    x = torch.randn(2, 5, TINY["embed_dim"], requires_grad=True)
+    prompt = torch.randn(2, TINY["embed_dim"])
+    want, want_routing = block(x, prompt)
+    (want_dx,) = torch.autograd.grad(want.square().sum(), x)
+    compiled = torch.compile(block, backend="aot_eager")
+    got, got_routing = compiled(x, prompt)
+    (got_dx,) = torch.autograd.grad(got.square().sum(), x)
+    assert_close(got, want)
+    assert_close(got_dx, want_dx)
+    assert torch.equal(got_routing.sorted_slots, want_routing.sorted_slots)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from clasp.data.synthetic import SyntheticDataset, generate
 from clasp.teacher.cache import LabelCacheWriter, file_sha256
-from clasp.train.pretrain import build_config
+from clasp.train.config import build_config
 
 IMAGE_SIZE = (64, 32)
 LABEL_GRID = (8, 4)

@@ -29,12 +29,12 @@ def run_rank(rank: int, config: dict, port: int, out_dir: str) -> None:
     )  # fmt: skip
     torch.set_num_threads(1)
     trainer = Trainer(config)
-    assert isinstance(trainer.step_fn.student, torch.nn.parallel.DistributedDataParallel)
+    assert isinstance(trainer.train_step.student, torch.nn.parallel.DistributedDataParallel)
     result = trainer.fit()
-    student = torch.cat([p.detach().flatten() for p in trainer.step_fn.model.parameters()])
-    teacher = torch.cat([p.detach().flatten() for p in trainer.step_fn.teacher.parameters()])
+    student = torch.cat([p.detach().flatten() for p in trainer.train_step.model.parameters()])
+    teacher = torch.cat([p.detach().flatten() for p in trainer.train_step.teacher.parameters()])
     torch.save(
-        {"student": student, "teacher": teacher, "center": trainer.step_fn.dino_loss.center,
+        {"student": student, "teacher": teacher, "center": trainer.train_step.dino_loss.center,
          "step": result.step, "records": len(result.records)},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )  # fmt: skip

@@ -16,7 +16,7 @@ import clasp
 from clasp.cli import main as clasp_main
 from clasp.train import step as step_module
 from clasp.train.checkpoint import load_checkpoint, save_checkpoint
-from clasp.train.data import PARTS_KEY, make_loader
+from clasp.train.data import make_loader
 from clasp.train.trainer import NonFiniteLossError, Trainer, train
 
 from .helpers import tiny_config
@@ -53,18 +53,20 @@ def test_pseudo_label_losses_fall(synth_root, label_cache, tmp_path, seed):
 def test_loss_weights_follow_each_samples_task(synth_root, label_cache, tmp_path):
     trainer = Trainer(tiny_config(synth_root, str(tmp_path), label_cache))
     batch = next(iter(make_loader(trainer.dataset, trainer.sampler, trainer.config, 0)))
-    tasks = trainer.step_fn.model.backbone.tasks
+    tasks = trainer.train_step.model.backbone.tasks
     batch["task"] = torch.tensor([tasks.index(t) for t in ("reid", "parsing", "generic") * 3][:8])
-    values = trainer.step_fn.schedules(0)
-    terms = trainer.step_fn.compute_losses(batch, values)
+    values = trainer.train_step.schedules(0)
+    terms, _ = trainer.train_step.compute_losses(batch, values)
     # The same forward, by hand: part loss per sample averaged over the global crops.
     G, B = 2, 8
     crops = torch.cat(batch["crops"][:G])
     locals_ = torch.cat(batch["crops"][G:])
     weights = torch.nn.functional.one_hot(batch["task"], len(tasks)).float()
     with torch.no_grad():
-        out = trainer.step_fn.student(crops, weights, locals_)
-    per_crop, _ = trainer.step_fn.part_loss(out["part_logits"], torch.cat(batch[PARTS_KEY][:G]))
+        out = trainer.train_step.student(crops, weights, locals_)
+    per_crop, _ = trainer.train_step.part_loss(
+        out["part_logits"], torch.cat(batch["pseudo_parts"][:G])
+    )
     per_sample = per_crop.view(G, B).mean(0)
     table = {"reid": 0.0, "parsing": 1.0, "generic": 0.5}
     w = torch.tensor([table[tasks[t]] for t in batch["task"].tolist()])
@@ -113,6 +115,19 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(synth_root, label_c
         from_checkpoint = clasp.load_backbone(checkpoint, task="reid").extract(images)
     for x, y, z in zip(a, b, from_checkpoint, strict=True):
         assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_pretrain_runs_with_gradient_checkpointing(synth_root, label_cache, tmp_path):
+    """`clasp pretrain ... model.grad_checkpointing=true`: backward re-runs the PC-MoE blocks
+    with their prompt."""
+    config = tiny_config(synth_root, str(tmp_path), label_cache, optim={"steps": 2})
+    config["model"]["grad_checkpointing"] = True
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    assert clasp_main(["pretrain", "--config", str(config_file)]) == 0
+    checkpoint = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert checkpoint["step"] == 2 and checkpoint["config"]["model"]["grad_checkpointing"]
+    assert all(math.isfinite(v) for k, v in checkpoint["metrics"].items() if k in LOSS_KEYS)
 
 
 def test_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state(

@@ -1,10 +1,15 @@
-"""The Prompt-Controlled Mixture-of-Experts layer that replaces a ViT block's MLP.
+"""The Prompt-Controlled Mixture-of-Experts layer, and the ViT block that holds it.
 
 Tokens are routed to `top_k` of `num_experts` expert MLPs by `x @ w_gate + prompt @ w_prompt`:
 the task prompt of a token's sample shifts every router logit of that sample, so one prompt
 can steer a whole image towards the experts its task needs. Capacity-free: every token is
 processed by all its chosen experts, however unbalanced the routing; the load-balance loss
-(from the routing statistics kept in `last_routing`) is what keeps experts in use.
+(from the returned routing statistics) is what keeps experts in use.
+
+The prompt is an argument and the routing a return value, `y, routing = moe(x, prompt)`, as
+ScatterMoE's MLP takes its expert indices and torchtitan's router returns its counts: the
+layer holds no per-call state, so gradient checkpointing can re-run it in backward and
+`torch.compile` sees a pure function.
 """
 
 from __future__ import annotations
@@ -13,48 +18,22 @@ import math
 
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import Block
 
-import clasp.kernels
-from clasp.kernels import reference
-
-BACKENDS = ("auto", "triton", "reference")
+from clasp.kernels import Routing, moe_mlp, route
+from clasp.kernels.utils import BACKENDS
 
 
-def kernel_ops(backend: str):
-    """(route, moe_mlp) for `backend`: the one place the model picks its kernels.
-
-    "auto" and "triton" call `clasp.kernels.route` / `moe_mlp` (Triton on CUDA or under
-    TRITON_INTERPRET=1, which dispatch themselves); "reference" calls the eager references
-    directly, which also accept fp64 (for exact tests).
-    """
+def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return _reference_route, _reference_moe_mlp
-    return clasp.kernels.route, clasp.kernels.moe_mlp
-
-
-def _reference_route(x, w_gate, prompt_bias, top_k, *, normalize=True, backend="reference"):
-    return reference.route(x, w_gate, prompt_bias, top_k, normalize=normalize)
-
-
-def _reference_moe_mlp(x, routing, w1, w2, b1, b2, activation, *, backend="reference"):
-    # Same dtype rule as the Triton op: under autocast everything runs in the autocast dtype.
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w1, w2, b1, b2 = (t.to(dtype) if t is not None else None for t in (x, w1, w2, b1, b2))
-    with torch.autocast(x.device.type, enabled=False):
-        return reference.moe_mlp(x, routing, w1, w2, b1, b2, activation)
+    return backend
 
 
 class PCMoE(nn.Module):
-    """A drop-in for timm's `Mlp`: `forward(x)` with x (B, N, d) -> (B, N, d).
-
-    The per-sample prompt (B, prompt_dim) must be set with `set_prompt` before each forward
-    (the backbone does this for every MoE block), because timm blocks call `mlp(x)` with x only.
-    After a forward, `last_routing` holds the `Routing` (counts, probs_mean, z_loss) for the
-    auxiliary losses.
-    """
+    """In place of timm's `Mlp`: `forward(x (B, N, d), prompt (B, prompt_dim))` ->
+    `(y (B, N, d), Routing)`; the routing carries counts, probs_mean and z_loss for the
+    auxiliary losses. `backend` picks the kernels of `clasp.kernels.route` and `moe_mlp`."""
 
     def __init__(
         self,
@@ -74,16 +53,13 @@ class PCMoE(nn.Module):
         self.dim, self.hidden_dim = dim, hidden_dim
         self.num_experts, self.top_k = num_experts, top_k
         self.activation, self.normalize = activation, normalize
-        self.backend = backend
-        kernel_ops(backend)  # fail at construction on a bad backend
+        self.backend = check_backend(backend)
         self.w_gate = nn.Parameter(torch.empty(dim, num_experts))
         self.w_prompt = nn.Parameter(torch.empty(prompt_dim, num_experts))
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.b2 = nn.Parameter(torch.empty(num_experts, dim))
-        self.prompt: torch.Tensor | None = None
-        self.last_routing: reference.Routing | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -96,23 +72,13 @@ class PCMoE(nn.Module):
         nn.init.normal_(self.w_gate, std=1.0 / math.sqrt(self.dim))
         nn.init.normal_(self.w_prompt, std=1.0 / math.sqrt(self.w_prompt.shape[0]))
 
-    def set_prompt(self, prompt: torch.Tensor | None) -> None:
-        """prompt: (B, prompt_dim) per-sample task prompt for the next forward (None clears it)."""
-        self.prompt = prompt
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.prompt is None:
-            raise RuntimeError(
-                "PCMoE needs a task prompt: call set_prompt((B, prompt_dim)) before forward "
-                "(ClaspViT does this for every MoE block)"
-            )
+    def forward(self, x: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         B, N, d = x.shape
-        if self.prompt.shape != (B, self.w_prompt.shape[0]):
+        if prompt.shape != (B, self.w_prompt.shape[0]):
             raise ValueError(
                 f"prompt must be ({B}, {self.w_prompt.shape[0]}) for x {tuple(x.shape)}, "
-                f"got {tuple(self.prompt.shape)}"
+                f"got {tuple(prompt.shape)}"
             )
-        route, moe_mlp = kernel_ops(self.backend)
         device = x.device.type
         if torch.is_autocast_enabled(device):
             # One low-precision copy of the tokens feeds both ops; the router still computes
@@ -120,7 +86,7 @@ class PCMoE(nn.Module):
             x = x.to(torch.get_autocast_dtype(device))
         router_dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device, enabled=False):
-            prompt_bias = self.prompt.to(router_dtype) @ self.w_prompt.to(router_dtype)
+            prompt_bias = prompt.to(router_dtype) @ self.w_prompt.to(router_dtype)
             routing = route(
                 x,
                 self.w_gate.to(router_dtype),
@@ -129,7 +95,6 @@ class PCMoE(nn.Module):
                 normalize=self.normalize,
                 backend=self.backend,
             )
-        self.last_routing = routing
         y = moe_mlp(
             x.reshape(B * N, d),
             routing,
@@ -140,10 +105,32 @@ class PCMoE(nn.Module):
             self.activation,
             backend=self.backend,
         )
-        return y.reshape(B, N, d)
+        return y.reshape(B, N, d), routing
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, hidden_dim={self.hidden_dim}, experts={self.num_experts}, "
             f"top_k={self.top_k}, activation={self.activation}, backend={self.backend}"
         )
+
+
+class PCMoEBlock(nn.Module):
+    """A timm ViT `Block` whose MLP is a `PCMoE`: `forward(x, prompt) -> (x, Routing)`.
+
+    It takes over the block's own submodules under their timm names (norm1, attn, ls1,
+    drop_path1, norm2, ls2, drop_path2, and mlp for the MoE), so the dense weights keep their
+    state-dict keys and load into a plain timm ViT.
+    """
+
+    def __init__(self, block: Block, moe: PCMoE):
+        super().__init__()
+        self.norm1, self.attn, self.ls1, self.drop_path1 = (
+            block.norm1, block.attn, block.ls1, block.drop_path1
+        )  # fmt: skip
+        self.norm2, self.mlp = block.norm2, moe
+        self.ls2, self.drop_path2 = block.ls2, block.drop_path2
+
+    def forward(self, x: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        y, routing = self.mlp(self.norm2(x), prompt)
+        return x + self.drop_path2(self.ls2(y)), routing

@@ -1,0 +1,134 @@
+"""Pre-training data: multi-crop views, a drawn task and the teacher's pseudo-labels per image,
+in an order that a resumed run replays exactly (see `clasp.train.data`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TypedDict
+
+import torch
+
+from clasp.data.build import build_dataset
+from clasp.data.transforms import MultiCrop
+
+from .data import EpochSeededDataset, ResumableSampler
+
+log = logging.getLogger("clasp.train")
+
+
+class PretrainBatch(TypedDict, total=False):
+    """What the pre-training loader yields and `PretrainStep` consumes (B samples)."""
+
+    crops: list[torch.Tensor]  # n_global + n_local crops (B, 3, h, w), normalised, global first
+    task: torch.Tensor  # (B,) int64: the task each sample drew
+    index: torch.Tensor  # (B,) int64: dataset index of each sample
+    pseudo_parts: list[torch.Tensor]  # with labels: per global and local crop (B, gh, gw) int64,
+    #                                   -1 = no label
+    pseudo_attributes: torch.Tensor  # with labels: (B, A) soft attribute labels, NaN = unknown
+    skipped: list[str]  # unreadable files that other samples replaced
+
+
+class PretrainDataset(EpochSeededDataset):
+    """Wraps a person dataset. Index with (epoch, i); returns one sample of a `PretrainBatch`:
+    "crops" (list of n_global + n_local float tensors), "task" (int), "index", and with a
+    label cache "pseudo_parts" (list of per-crop (gh, gw) int64, -1 = none) and
+    "pseudo_attributes" (A,) float (NaN when the image is not in the cache)."""
+
+    def __init__(
+        self,
+        dataset,
+        crop: MultiCrop,
+        task_probs: torch.Tensor,
+        seed: int,
+        cache=None,
+        keys: list[str] | None = None,
+    ):
+        super().__init__(seed)
+        self.dataset = dataset
+        self.crop = crop
+        self.task_probs = task_probs
+        self.cache = cache
+        self.keys = keys
+        if cache is not None:
+            self.num_attributes = len(cache.attribute_names)
+            self.grid = cache.grid_size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, index: int) -> dict:
+        sample = self.dataset[index]
+        index = sample["index"]  # the dataset may have replaced an unreadable file
+        task = int(torch.multinomial(self.task_probs, 1))
+        view = {"image": sample["image"]}
+        attributes = None
+        if self.cache is not None:
+            labels = self.cache.get(self.keys[index])
+            if labels is None:
+                view["pseudo_parts"] = torch.full(self.grid, -1, dtype=torch.int64)
+                attributes = torch.full((self.num_attributes,), float("nan"))
+            else:
+                view["pseudo_parts"] = labels["parts"]
+                attributes = labels["attributes"].float()
+        out = self.crop(view)
+        result = {"crops": out["crops"], "task": task, "index": index}
+        if self.cache is not None:
+            result["pseudo_parts"] = out["crop_labels"]["pseudo_parts"]
+            result["pseudo_attributes"] = attributes
+        if "skipped" in sample:
+            result["skipped"] = sample["skipped"]
+        return result
+
+
+def build_pretrain_data(config: dict, rank: int, world_size: int, patch_size: int):
+    """(PretrainDataset, ResumableSampler, label cache or None) from a training config."""
+    data, crops, model = config["data"], config["crops"], config["model"]
+    if not data["root"]:
+        raise ValueError("data.root is not set: point it at a folder of person images")
+    dataset = build_dataset(data["format"], data["root"], data["split"], on_error="replace")
+    cache = keys = None
+    if data["labels"]:
+        from clasp.teacher.cache import LabelCache, file_sha256
+
+        cache = LabelCache(data["labels"])
+        keys = [file_sha256(path) for path in dataset.paths]
+        covered = sum(key in cache for key in keys)
+        log.info(
+            "pseudo-labels from %s: %d of %d images labelled (%d parts, %d attributes)",
+            data["labels"], covered, len(keys), len(cache.part_names), len(cache.attribute_names),
+        )  # fmt: skip
+        if covered == 0:
+            raise ValueError(
+                f"none of the {len(keys)} images under {data['root']} is in the label cache "
+                f"{data['labels']}; run `clasp label --images {data['root']} --out CACHE` first"
+            )
+    else:
+        log.info(
+            "no label cache (data.labels): training self-distillation only; the part and "
+            "attribute pseudo-label losses are off"
+        )
+    tasks = config["model"]["tasks"]
+    sampling = config["tasks"]["sampling"]
+    probs = torch.tensor([float(sampling.get(t, 0.0)) for t in tasks])
+    if (probs < 0).any() or probs.sum() <= 0:
+        raise ValueError(
+            f"tasks.sampling must give non-negative weights, some positive: {sampling}"
+        )
+    crop = MultiCrop(
+        global_size=tuple(model["img_size"]),
+        local_size=tuple(crops["local_size"]),
+        n_global=crops["n_global"],
+        n_local=crops["n_local"],
+        global_scale=tuple(crops["global_scale"]),
+        local_scale=tuple(crops["local_scale"]),
+        flip_p=crops["flip_p"],
+        color_jitter=tuple(crops["color_jitter"]) if crops["color_jitter"] else None,
+        jitter_p=crops["jitter_p"],
+        grayscale_p=crops["grayscale_p"],
+        label_keys={"pseudo_parts": "patch"} if cache is not None else {},
+        patch_size=patch_size,
+        focus_key="pseudo_parts" if crops["locals_on_person"] else None,
+    )
+    pretrain = PretrainDataset(dataset, crop, probs / probs.sum(), config["seed"], cache, keys)
+    sampler = ResumableSampler(pretrain, data["batch_size"], world_size, rank, config["seed"])
+    return pretrain, sampler, cache
