@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from clasp.data.base import FailedSample
 
+# Pixel statistics every backbone and probe normalises with: RGB in [0, 1], then (x - mean) / std.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 COCO_FLIP_PAIRS = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))

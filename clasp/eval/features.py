@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from clasp.data.base import FailedSample, PersonDataset
+from clasp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = (128, 64)
 RANDOM = "random"
 

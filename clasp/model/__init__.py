@@ -5,12 +5,14 @@ backbone = load_backbone("clasp-vit-s.safetensors", task="reid")
 pooled, patches = backbone.extract(images, task={"reid": 0.5, "attributes": 0.5})
 """
 
+from clasp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 from .heads import AttributeHead, DINOHead, PartHead
 from .io import load_backbone, save_backbone, timm_state_dict
 from .pc_moe import PCMoE, PCMoEBlock
 from .pretrain_model import HEAD_DEFAULTS, PretrainModel
 from .prompts import TASK_DESCRIPTIONS, TASKS, TaskPrompts
-from .vit import IMAGE_MEAN, IMAGE_STD, MODEL_DEFAULTS, ClaspViT, build_backbone, model_config
+from .vit import MODEL_DEFAULTS, ClaspViT, build_backbone, model_config
 
 
 def build_model(
@@ -37,8 +39,8 @@ def build_model(
 
 
 __all__ = [
-    "IMAGE_MEAN",
-    "IMAGE_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "MODEL_DEFAULTS",
     "TASKS",
     "TASK_DESCRIPTIONS",

@@ -16,6 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from clasp.atomic import atomic_path
+
 from .prompts import TaskSpec
 from .vit import ClaspViT, model_config
 
@@ -48,13 +50,8 @@ def save_backbone(
         "default_task": json.dumps(default_task if isinstance(default_task, str | dict) else None),
         **{k: json.dumps(v) for k, v in (metadata or {}).items()},
     }
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         save_file(export_state_dict(backbone), tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_export(path: str) -> tuple[dict[str, torch.Tensor], dict]:

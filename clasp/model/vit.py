@@ -17,13 +17,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from clasp.config import load_yaml, merge
+from clasp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 from .pc_moe import PCMoE, PCMoEBlock, check_backend
 from .prompts import TASKS, TaskPrompts, TaskSpec
 
-# Pixel statistics the backbone expects: images are float, RGB in [0, 1], then normalised.
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
 ATTENTIONS = ("sdpa", "xformers", "eager")
 
 MODEL_DEFAULTS = {
@@ -144,8 +142,8 @@ class ClaspViT(nn.Module):
             )
             self.vit.blocks[i] = PCMoEBlock(self.vit.blocks[i], layer)
         self.default_task: TaskSpec = None
-        self.register_buffer("pixel_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -217,7 +215,7 @@ class ClaspViT(nn.Module):
         """Features for downstream tasks.
 
         Args:
-            images: (B, 3, H, W) float, normalised with IMAGE_MEAN / IMAGE_STD (`normalize`);
+            images: (B, 3, H, W) float, normalised with IMAGENET_MEAN / IMAGENET_STD (`normalize`);
                 H and W multiples of the patch size (other sizes than img_size interpolate
                 the position embeddings).
             task: a task name, a {task: weight} mix, a list of B names, a (n_tasks,) or

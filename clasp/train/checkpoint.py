@@ -8,8 +8,8 @@ A checkpoint is a `torch.save` dict loadable with `weights_only=True`:
     dino_loss         the DINO loss state (its center)
     rng               per rank: torch CPU and CUDA generator states, numpy, python random
     metrics           {name: value} of the last logged step, for the record
-Written to `<path>.tmp-<pid>`, flushed to disk, then renamed over `path`: a kill at any
-moment leaves either the previous checkpoint or the new one, never a torn file.
+Written through `clasp.atomic` (a temporary beside `path`, flushed to disk, renamed over it):
+a kill at any moment leaves either the previous checkpoint or the new one, never a torn file.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import random
 
 import numpy as np
 import torch
+
+from clasp.atomic import atomic_open
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -53,24 +55,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        # The rename is durable once the directory entry is on disk.
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_open(path, "wb", durable=True) as f:
+        torch.save(checkpoint, f)
 
 
 def load_checkpoint(path: str) -> dict:

@@ -6,6 +6,8 @@ import json
 import math
 import os
 
+from clasp.atomic import atomic_open, atomic_path
+
 LOSS_KEYS = ("loss", "dino", "part", "attribute", "load_balance", "z_loss")
 
 
@@ -21,10 +23,8 @@ class MetricsLog:
             records = []
         else:
             records = [r for r in records if r.get("step", 0) <= resume_step]
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(tmp, path)
         self.records = records
 
     @staticmethod
@@ -68,7 +68,6 @@ def plot_losses(records: list[dict], path: str) -> None:
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
