@@ -70,12 +70,18 @@ def load_checkpoint(path: str) -> dict:
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    """The checkpoint to resume from: None, "auto" (output_dir's, if any) or a path."""
+    """The checkpoint to resume from: None (a new run), "auto" (output_dir's checkpoint,
+    which must exist: that is what `--resume` asks for) or a checkpoint path or folder."""
     if resume in (None, "", False):
         return None
     if resume == "auto":
         path = os.path.join(output_dir, CHECKPOINT_NAME)
-        return path if os.path.isfile(path) else None
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"--resume: no checkpoint in {output_dir} to resume from ({CHECKPOINT_NAME} "
+                "is missing); start a new run without --resume"
+            )
+        return path
     if os.path.isdir(resume):
         resume = os.path.join(resume, CHECKPOINT_NAME)
     if not os.path.isfile(resume):

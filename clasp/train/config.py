@@ -80,7 +80,10 @@ DEFAULTS = {
         "checkpoint_every": 500,
         "amp": "auto",  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | off
         "compile": False,  # torch.compile the student and teacher
-        "resume": None,  # None | auto (output_dir's checkpoint if present) | a checkpoint path
+        # None: a new run, refused where output_dir holds an earlier one | auto: continue
+        # output_dir's checkpoint (it must exist; `--resume`) | a checkpoint path.
+        "resume": None,
+        "overwrite": False,  # a new run may replace an earlier run in output_dir (`--overwrite`)
         "progress": True,
         "deterministic": False,  # torch.use_deterministic_algorithms (slower on CUDA)
         # Threads of the training process on a CPU run (None: torch's default, one per core).
@@ -95,10 +98,17 @@ DEFAULTS = {
 }
 
 
-def build_config(path: str | None, overrides: list[str] = (), resume: str | None = None) -> dict:
+def build_config(
+    path: str | None,
+    overrides: list[str] = (),
+    resume: str | None = None,
+    overwrite: bool = False,
+) -> dict:
     """The full pre-training config: DEFAULTS <- the YAML file at path <- key.sub=value
-    overrides (<- resume, the --resume value, into train.resume)."""
+    overrides (<- the --resume value into train.resume, --overwrite into train.overwrite)."""
     config = load_config(DEFAULTS, path, overrides)
     if resume is not None:
         config["train"]["resume"] = resume
+    if overwrite:
+        config["train"]["overwrite"] = True
     return config

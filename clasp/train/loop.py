@@ -7,8 +7,8 @@ A step object provides
                                      ok False when a value was not finite, nothing updated
     state_dict() / load_state_dict() its model, optimiser and loss state (a collective under
                                      FSDP: called on every rank)
-and the loop adds the data position, the random streams and the last metrics to the
-checkpoint (see `clasp.train.checkpoint`).
+and the loop writes output_dir/config.yaml, and adds the data position, the random streams
+and the last metrics to the checkpoint (see `clasp.train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import yaml
 from tqdm import tqdm
+
+from clasp.atomic import atomic_open, remove_stale_temporaries
 
 from . import distributed
 from .checkpoint import (
@@ -47,12 +50,29 @@ class NonFiniteLossError(RuntimeError):
     """A loss term or the gradient norm became NaN or Inf; the last good state was saved."""
 
 
+class RunExistsError(ValueError):
+    """A new run was asked for in an output folder that holds an earlier run."""
+
+
 @dataclass
 class TrainResult:
     step: int  # optimiser steps done
     stopped_by: str | None  # None when all steps ran, else the signal's name
     checkpoint: str | None  # the last checkpoint written
     records: list[dict] = field(default_factory=list)  # the metrics log
+
+
+def refuse_earlier_run(output_dir: str) -> None:
+    """Raise RunExistsError when output_dir holds a checkpoint or metrics of an earlier run."""
+    checkpoint = os.path.join(output_dir, CHECKPOINT_NAME)
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    found = [p for p in (checkpoint, metrics) if os.path.isfile(p) and os.path.getsize(p) > 0]
+    if found:
+        raise RunExistsError(
+            f"{output_dir} holds an earlier run ({', '.join(map(os.path.basename, found))}); "
+            "continue it with --resume, replace it with --overwrite, or choose another "
+            "output_dir"
+        )
 
 
 def seed_everything(seed: int) -> None:
@@ -65,7 +85,8 @@ class TrainingLoop:
     """Runs `train_step` over `dataset` in `sampler`'s order until config optim.steps.
 
     Reads from the config: seed, output_dir, optim.steps and train.{log_every, plot_every,
-    checkpoint_every, resume, progress}. `collate` batches the dataset's samples.
+    checkpoint_every, resume, overwrite, progress}. `collate` batches the dataset's samples.
+    A new run never replaces an earlier run's checkpoint or metrics unless train.overwrite.
     """
 
     def __init__(
@@ -87,13 +108,21 @@ class TrainingLoop:
         self.total_steps = int(config["optim"]["steps"])
         self.step = self.epoch = self.batch_in_epoch = 0
         self.stop_signal: int | None = None
+        stale = remove_stale_temporaries(self.checkpoint_path) if world.is_main else []
+        for path in stale:
+            log.warning("removed %s, the partial checkpoint of a write that was killed", path)
         resume = resolve_resume(config["train"]["resume"], self.output_dir)
+        if resume is None and not config["train"]["overwrite"]:
+            refuse_earlier_run(self.output_dir)
         if resume is not None:
             self._restore(resume)
         else:  # dropout and drop-path streams differ between ranks
             seed_everything(int(config["seed"]) + world.rank)
         self.metrics = None
         if world.is_main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with atomic_open(os.path.join(self.output_dir, "config.yaml")) as f:
+                yaml.safe_dump(config, f, sort_keys=False)
             metrics_path = os.path.join(self.output_dir, "metrics.jsonl")
             self.metrics = MetricsLog(metrics_path, self.step if resume else None)
 
@@ -138,7 +167,10 @@ class TrainingLoop:
             )  # fmt: skip
             seed_everything(self.config["seed"] + self.step + self.world.rank)
         if self.world.is_main:
-            log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+            log.info(
+                "resuming from %s: step %d of %d (epoch %d, batch %d)",
+                path, self.step, self.total_steps, self.epoch, self.batch_in_epoch,
+            )  # fmt: skip
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> TrainResult:

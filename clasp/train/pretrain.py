@@ -17,8 +17,6 @@ import logging
 import os
 import sys
 
-import yaml
-
 log = logging.getLogger("clasp.train")
 
 
@@ -30,7 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const="auto",
         default=None,
         metavar="CHECKPOINT",
-        help="continue from CHECKPOINT, or (no value) from output_dir's checkpoint if any",
+        help="continue from CHECKPOINT, or (no value) from output_dir's checkpoint",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an output_dir that holds an earlier one, replacing it",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=1e-3"
@@ -48,21 +51,17 @@ def main(args: argparse.Namespace) -> int:
     from .trainer import NonFiniteLossError, train
 
     try:
-        config = build_config(args.config, args.overrides, args.resume)
+        config = build_config(args.config, args.overrides, args.resume, args.overwrite)
     except (KeyError, ValueError, FileNotFoundError) as error:
         print(f"clasp pretrain: {error}", file=sys.stderr)
         return 2
-    if rank == 0:
-        os.makedirs(config["output_dir"], exist_ok=True)
-        with open(os.path.join(config["output_dir"], "config.yaml"), "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
     try:
         result = train(config)
     except NonFiniteLossError as error:
         log.error("%s", error)
         return 3
     except (ValueError, FileNotFoundError) as error:
-        log.error("%s", error)
+        print(f"clasp pretrain: {error}", file=sys.stderr)
         return 2
     if rank == 0 and result.stopped_by is None:
         last = result.records[-1] if result.records else {}

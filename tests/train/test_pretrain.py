@@ -171,3 +171,33 @@ def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
         save_checkpoint(path, {"step": 2, "weights": torch.zeros(3)})
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
     assert load_checkpoint(path)["step"] == 1
+
+
+def test_a_new_run_never_replaces_an_earlier_one(synth_root, tmp_path, capsys):
+    config = tiny_config(synth_root, str(tmp_path), optim={"steps": 2})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    command = ["pretrain", "--config", str(config_file)]
+    assert clasp_main(command) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    assert clasp_main(command) == 2
+    error = capsys.readouterr().err
+    assert "earlier run" in error and "--resume" in error and "--overwrite" in error
+    assert all((tmp_path / name).read_bytes() == data for name, data in before.items())
+    assert clasp_main([*command, "--overwrite", "optim.steps=1"]) == 0
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 1
+
+
+def test_resume_without_a_checkpoint_says_so_and_stale_temporaries_go(synth_root, tmp_path):
+    config = tiny_config(synth_root, str(tmp_path), optim={"steps": 2})
+    config["train"]["resume"] = "auto"
+    tmp_path.mkdir(exist_ok=True)
+    # The partial first checkpoint of a process killed mid-write (its pid is gone).
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    stale = tmp_path / f"checkpoint.pt.tmp-{killed.pid}"
+    stale.write_bytes(b"half a checkpoint")
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .* to resume from"):
+        Trainer(config)
+    assert not stale.exists()
