@@ -17,8 +17,6 @@ import logging
 import os
 import sys
 
-import yaml
-
 from clasp.config import load_config
 
 log = logging.getLogger("clasp.train")
@@ -63,10 +61,6 @@ def main(args: argparse.Namespace) -> int:
     except (KeyError, ValueError, FileNotFoundError) as error:
         print(f"clasp pretrain: {error}", file=sys.stderr)
         return 2
-    if rank == 0:
-        os.makedirs(config["output_dir"], exist_ok=True)
-        with open(os.path.join(config["output_dir"], "config.yaml"), "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
     try:
         result = train(config)
     except NonFiniteLossError as error:

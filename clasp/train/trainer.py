@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import yaml
 from tqdm import tqdm
+
+from clasp.atomic import atomic_open
 
 from . import distributed as D
 from .checkpoint import (
@@ -29,6 +32,7 @@ from .metrics import MetricsLog, plot_losses
 from .step import LOSS_TERMS, PretrainStep
 
 log = logging.getLogger("clasp.train")
+CONFIG_NAME = "config.yaml"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,6 +53,10 @@ class Trainer:
         self.world = world or D.setup(config["distributed"]["backend"])
         self.output_dir = config["output_dir"]
         self.checkpoint_path = os.path.join(self.output_dir, CHECKPOINT_NAME)
+        if self.world.is_main:  # the merged config beside the run's outputs
+            os.makedirs(self.output_dir, exist_ok=True)
+            with atomic_open(os.path.join(self.output_dir, CONFIG_NAME)) as f:
+                yaml.safe_dump(config, f, sort_keys=False)
         if config["train"]["deterministic"]:
             torch.use_deterministic_algorithms(True)
         if self.world.device.type == "cpu" and config["train"]["cpu_threads"]:
