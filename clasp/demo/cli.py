@@ -47,7 +47,9 @@ def main(args: argparse.Namespace) -> int:
             pretrain_overrides=args.pretrain_overrides,
         )  # fmt: skip
     except (FileNotFoundError, KeyError, ValueError) as error:
-        print(f"clasp demo: {error}", file=sys.stderr)
+        # str() of a KeyError quotes its message: print the message itself
+        reason = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"clasp demo: {reason}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
         print(f"clasp demo: {error}", file=sys.stderr)
