@@ -1,10 +1,14 @@
 """The CLIP teacher: open_clip loading, pseudo-labels, the label cache and the offline fit.
 
     model.py     ClipTeacher: text embeddings, dense patch features, pseudo-labels
-    loading.py   load_teacher / save_teacher (names, tags, files, folders; offline-safe)
-    labeling.py  label_folder: an image folder into a label cache (`clasp label`)
+    loading.py   load_teacher / save_teacher: names, tags, files, folders
+    hub.py       offline mode when the Hugging Face hub cannot be reached
+    labeling.py  label_folder: an image folder into a label cache (and `clasp label`)
     cache.py     the label cache that training loaders read
-    fit.py       fitting a small open_clip teacher offline (`clasp teacher fit`)
+    visualize.py part-label overlays
+    fit_data.py  the offline fit's training examples: captions, attribute targets, part grids
+    fit.py       fitting a small open_clip teacher offline
+    cli.py       `clasp teacher fit`
 
 The part and attribute vocabulary is `clasp.vocabulary` (re-exported here). Names resolve
 lazily so that a training loader importing `LabelCache` does not pay for importing open_clip.
