@@ -7,6 +7,10 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
+# The checkpoint (`clasp eval`, the demo) or pretrained (`clasp label`, `load_teacher`) value
+# that asks for randomly initialised weights on purpose: baselines, tests, benchmarks.
+RANDOM_WEIGHTS = "random"
+
 
 def load_backbone(path: str, task=None, **kwargs):
     """A pre-trained CLASP backbone in eval mode, from an exported safetensors file or a

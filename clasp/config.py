@@ -1,12 +1,19 @@
-"""YAML configs merged in three layers: built-in defaults, a file, `key.sub=value` overrides."""
+"""YAML configs merged in three layers: built-in defaults, a file, `key.sub=value` overrides.
+
+The file is a path or the name of a config packaged in `clasp/configs/` (`demo`, `vit-s`,
+`vit-b`), so `--config demo` works in any install, editable or not.
+"""
 
 from __future__ import annotations
 
 import copy
+import os
 import re
 from typing import Any
 
 import yaml
+
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 class _Loader(yaml.SafeLoader):
@@ -50,16 +57,36 @@ def parse_override(item: str) -> dict:
     return value
 
 
+def packaged_configs() -> list[str]:
+    """Names of the configs that ship with the package, e.g. ['demo', 'vit-b', 'vit-s']."""
+    return sorted(n[: -len(".yaml")] for n in os.listdir(PACKAGED_CONFIGS) if n.endswith(".yaml"))
+
+
+def resolve_config(name_or_path: str) -> str:
+    """The YAML file a `--config` value names: an existing file as given, else the packaged
+    config of that name ('demo' or 'demo.yaml' -> clasp/configs/demo.yaml)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    if os.sep not in name_or_path:  # a bare name: look among the packaged configs
+        name = name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml"
+        packaged = os.path.join(PACKAGED_CONFIGS, name)
+        if os.path.isfile(packaged):
+            return packaged
+    raise FileNotFoundError(
+        f"config file not found: {name_or_path}; pass a YAML file or the name of a packaged "
+        f"config ({', '.join(packaged_configs())})"
+    )
+
+
 def load_config(defaults: dict, path: str | None = None, overrides: list[str] = ()) -> dict:
-    """defaults <- YAML file at path <- overrides; keys unknown to defaults are errors."""
+    """defaults <- YAML file at path (or packaged config of that name, see `resolve_config`)
+    <- overrides; keys unknown to defaults are errors."""
     config = copy.deepcopy(defaults)
     layers = []
     if path is not None:
-        try:
-            with open(path) as f:
-                layers.append((path, load_yaml(f) or {}))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
+        path = resolve_config(path)
+        with open(path) as f:
+            layers.append((path, load_yaml(f) or {}))
     layers += [(f"override {o!r}", parse_override(o)) for o in overrides]
     for source, layer in layers:
         _check_known(defaults, layer, source)

@@ -47,3 +47,13 @@ def shared_data() -> str:
     if not os.path.isdir(path):
         pytest.fail(f"real test data not found at {path}; set CLASP_SHARED_DATA to its location")
     return path
+
+
+@pytest.fixture(scope="session")
+def synth_set(tmp_path_factory) -> str:
+    """12 identities x 4 images from 4 cameras, 64 x 32: 6 train and 6 test identities."""
+    from clasp.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(str(root), ids=12, images_per_id=4, cameras=4, size=(64, 32), seed=3)
+    return str(root)

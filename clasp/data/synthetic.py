@@ -20,7 +20,7 @@ one-hot per group), "keypoints" 17 x [x, y, visibility] in COCO order (pixels; v
 seen, 1 hidden, 0 outside the image), "caption", "box" [x0, y0, x1, y1] of the figure's
 labelled pixels and "occluder" [x0, y0, x1, y1] or null.
 
-Attribute groups and part classes are the teacher's (`clasp.teacher.prompts`). Image n of
+Attribute groups and part classes are the vocabulary's (`clasp.vocabulary`). Image n of
 identity p is seen by camera (p + n) mod C, so with M >= C every identity appears in every
 camera, and with M >= 2 in at least two. Each image's random generator is seeded from
 (seed, pid, camera, n): the output does not depend on --workers.
@@ -54,7 +54,7 @@ from clasp.data.pedestrians import (
     setup_camera,
 )
 from clasp.data.render import render
-from clasp.teacher.prompts import load_prompts
+from clasp.vocabulary import load_prompts
 
 FORMAT, VERSION = "clasp-synth", 1
 PARTS_IGNORE = 255

@@ -17,24 +17,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
 import torch
 
+from clasp import RANDOM_WEIGHTS
+from clasp.atomic import write_json
+
 from .features import FeatureBank, load_encoder, parse_task
 from .protocols import FORMATS, PRIMARY_METRIC, PROTOCOLS, SetLoader, run_protocol
+from .report import json_ready, matrix_table, plot_matrix
 
 ALL_FORMATS = sorted({f for formats in FORMATS.values() for f in formats})
 
 
 def _common(parser: argparse.ArgumentParser, formats) -> None:
     parser.add_argument(
-        "--checkpoint", required=True, help="exported .safetensors, training checkpoint, or random"
+        "--checkpoint",
+        required=True,
+        help=f"exported .safetensors, training checkpoint, or {RANDOM_WEIGHTS}",
     )
-    parser.add_argument("--config", default=None, help="model/training YAML (for random)")
+    parser.add_argument(
+        "--config", default=None, help=f"model/training YAML (for {RANDOM_WEIGHTS})"
+    )
     parser.add_argument("--data", required=True, help="dataset root")
     parser.add_argument("--format", required=True, choices=formats, help="dataset format")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -44,7 +51,9 @@ def _common(parser: argparse.ArgumentParser, formats) -> None:
     parser.add_argument("--workers", type=int, default=0, help="image decoding processes")
     parser.add_argument("--l2", type=float, default=1e-3, help="L2 strength of the probes")
     parser.add_argument("--alpha", type=float, default=0.2, help="PCK threshold (pose)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation seed for random")
+    parser.add_argument(
+        "--seed", type=int, default=0, help=f"initialisation seed for {RANDOM_WEIGHTS}"
+    )
     parser.add_argument(
         "--weights", choices=("student", "teacher"), default="student",
         help="which weights of a training checkpoint: the student or its EMA teacher",
@@ -66,55 +75,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompts", default=None, help="comma-separated prompts (default: all of the model's)"
     )
     p.add_argument("--out", default=None, help="folder for the matrix as JSON and PNG")
-
-
-def format_value(value: float) -> str:
-    return "  n/a" if value is None or math.isnan(value) else f"{100 * value:5.1f}"
-
-
-def matrix_table(matrix: dict) -> str:
-    """The task x prompt matrix as text, values in percent, each row's best marked *."""
-    width = max(10, *(len(p) + 1 for p in matrix["prompts"]))
-    lines = ["protocol (metric)".ljust(22) + "".join(p.rjust(width) for p in matrix["prompts"])]
-    for protocol, metric, row in zip(
-        matrix["protocols"], matrix["metrics"], matrix["values"], strict=True
-    ):
-        finite = [v for v in row if not math.isnan(v)]
-        best = max(finite) if finite else None
-        cells = [(format_value(v) + ("*" if v == best else " ")).rjust(width) for v in row]
-        lines.append(f"{protocol} ({metric})".ljust(22) + "".join(cells))
-    return "\n".join(lines)
-
-
-def plot_matrix(matrix: dict, path: str, title: str = "task x prompt") -> str:
-    """A PNG heatmap: colour scaled per row (metrics differ), values in percent."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    values = np.array(matrix["values"], dtype=np.float64)
-    filled = np.where(np.isnan(values), np.inf, values)
-    low = filled.min(axis=1, keepdims=True)
-    span = np.where(np.isnan(values), -np.inf, values).max(axis=1, keepdims=True) - low
-    span = np.where(np.isfinite(span), span, 0.0)
-    scaled = np.where(span > 0, (values - low) / np.where(span > 0, span, 1), 0.5)
-    scaled = np.ma.masked_invalid(scaled)  # NaN cells (nothing to score) stay blank
-    rows = [f"{p} ({m})" for p, m in zip(matrix["protocols"], matrix["metrics"], strict=True)]
-    fig, ax = plt.subplots(figsize=(1.4 * len(matrix["prompts"]) + 2.5, 0.6 * len(rows) + 1.6))
-    ax.imshow(scaled, cmap="viridis", aspect="auto", vmin=0, vmax=1)
-    ax.set_xticks(range(len(matrix["prompts"])), matrix["prompts"], rotation=30, ha="right")
-    ax.set_yticks(range(len(rows)), rows)
-    ax.set_xlabel("prompt given to the backbone")
-    for (i, j), value in np.ndenumerate(values):
-        colour = "black" if scaled[i, j] > 0.6 else "white"
-        ax.text(j, i, format_value(value).strip(), ha="center", va="center", color=colour)
-    ax.set_title(f"{title} (colour: per row, best = yellow)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def _summary(result: dict) -> str:
@@ -149,8 +109,7 @@ def main(args: argparse.Namespace) -> int:
             result = {"checkpoint": args.checkpoint, "data": args.data, **matrix}
             if args.out:
                 os.makedirs(args.out, exist_ok=True)
-                with open(os.path.join(args.out, "task_prompt_matrix.json"), "w") as f:
-                    json.dump(json_ready(result), f, indent=1)
+                write_json(os.path.join(args.out, "task_prompt_matrix.json"), json_ready(result))
                 result["png"] = plot_matrix(
                     matrix, os.path.join(args.out, "task_prompt_matrix.png")
                 )
@@ -167,16 +126,3 @@ def main(args: argparse.Namespace) -> int:
     result["seconds"] = round(time.perf_counter() - start, 2)
     print(json.dumps(json_ready(result)))
     return 0
-
-
-def json_ready(value):
-    """NaN -> None (strict JSON), tensors -> lists, recursively."""
-    if isinstance(value, float):
-        return None if math.isnan(value) else value
-    if isinstance(value, torch.Tensor):
-        return json_ready(value.tolist())
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_ready(v) for v in value]
-    return value

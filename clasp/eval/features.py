@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from clasp import RANDOM_WEIGHTS
 from clasp.data.base import FailedSample, PersonDataset
 from clasp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_SIZE = (128, 64)
-RANDOM = "random"
 
 
 def load_encoder(
@@ -36,15 +36,19 @@ def load_encoder(
     device: str | torch.device = "cpu",
 ):
     """A CLASP backbone in eval mode: `checkpoint` is an exported .safetensors file or a
-    training checkpoint (`weights`: its "student" or EMA "teacher"), or "random" for the
-    randomly initialised baseline built from `config` (a model or training YAML;
-    initialised from `seed`, so every run builds the same weights)."""
-    if checkpoint == RANDOM:
+    training checkpoint (`weights`: its "student" or EMA "teacher"), or "random"
+    (`clasp.RANDOM_WEIGHTS`) for the randomly initialised baseline built from `config` (a
+    model or training YAML, or a packaged config's name; initialised from `seed`, so every
+    run builds the same weights)."""
+    if checkpoint == RANDOM_WEIGHTS:
         if config is None:
-            raise ValueError("--checkpoint random needs --config FILE (the model to build)")
+            raise ValueError(
+                f"--checkpoint {RANDOM_WEIGHTS} needs --config FILE (the model to build)"
+            )
+        from clasp.config import resolve_config
         from clasp.model import build_backbone
 
-        encoder = build_backbone(config, seed=seed)
+        encoder = build_backbone(resolve_config(config), seed=seed)
         encoder.default_task = task
         return encoder.to(device).eval()
     from clasp import load_backbone

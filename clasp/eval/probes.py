@@ -9,8 +9,8 @@ plus `l2 * ||W||^2` (the bias is not penalised).
   are left out; each attribute's positives and negatives weigh half each, because the
   metric (mA) weighs the true-positive and true-negative rates equally.
 - `PartProbe`: a softmax classifier per patch token, trained against the label mask
-  reduced to the patch grid by majority vote (`grid_labels`); its logits are upsampled
-  bilinearly to each image's resolution before the argmax.
+  reduced to the patch grid by majority vote (`clasp.data.grids.grid_labels`); its logits
+  are upsampled bilinearly to each image's resolution before the argmax.
 - `HeatmapProbe`: a linear map from each patch token to K keypoint logits; for each
   keypoint a softmax over the grid is trained against a Gaussian around the true position
   (sigma = one cell); predictions upsample the logits bilinearly to image resolution and
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from clasp.data.grids import grid_labels
 
 
 class Standardizer:
@@ -92,17 +94,6 @@ class AttributeProbe:
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """(N, A) bool: probability above 0.5."""
         return self.logits(features) > 0
-
-
-def grid_labels(mask: torch.Tensor, grid: tuple[int, int], num_classes: int) -> torch.Tensor:
-    """The majority label of each grid cell of a (H, W) mask (-1 = ignore, not voting);
-    -1 where a cell holds no labelled pixel. Cells tile the whole mask. -> (gh, gw) int64."""
-    mask = mask.long()
-    one_hot = F.one_hot(mask.clamp(min=0), num_classes).permute(2, 0, 1).float()
-    one_hot *= (mask >= 0).float()[None]
-    votes = F.adaptive_avg_pool2d(one_hot[None], grid)[0]  # (C, gh, gw)
-    labels = votes.argmax(0)
-    return torch.where(votes.sum(0) > 0, labels, torch.full_like(labels, -1))
 
 
 class PartProbe:

@@ -1,6 +1,7 @@
-"""How good the teacher's pseudo-labels are, against ground truth.
+"""How good the teacher's pseudo-labels are, against ground truth: those of a saved teacher
+(`teacher_quality`) or those stored in a label cache (`cache_quality`), on a synthetic set.
 
-Part labels are a grid (gh, gw) over the whole image (see `clasp.teacher.clip`): each cell's
+Part labels are a grid (gh, gw) over the whole image (see `clasp.teacher.model`): each cell's
 label covers its rectangle of the image, so they are upsampled to the mask's resolution
 with nearest neighbour. Reported over the pixels whose ground truth is labelled:
 - part_pixel_accuracy: the fraction whose pseudo-label is the true part; a cell the teacher
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from clasp.data.build import build_dataset
 
 from .metrics import attribute_metrics, confusion_matrix, segmentation_metrics
 
@@ -83,3 +86,59 @@ def label_quality(
     )
     quality["images"] = len(grids)
     return quality
+
+
+@torch.no_grad()
+def teacher_quality(
+    teacher_dir: str,
+    root: str,
+    split: str,
+    *,
+    max_images: int | None = 256,
+    threshold: float | None = 0.4,
+) -> dict:
+    """Pseudo-labels of the saved teacher on a synthetic split (through the labeler's own
+    `ClipTeacher.label`) against its ground truth (`label_quality`)."""
+    from clasp.data.images import read_rgb
+    from clasp.teacher.loading import load_teacher
+    from clasp.vocabulary import load_prompts
+
+    teacher = load_teacher(teacher_dir)
+    prompts = load_prompts()
+    dataset = build_dataset("synth", root, split)
+    indices = list(range(len(dataset)))
+    if max_images is not None and len(indices) > max_images:
+        indices = [int(i * len(indices) / max_images) for i in range(max_images)]
+    text = teacher.text_embeddings(prompts)
+    grids, masks, soft, target = [], [], [], []
+    for start in range(0, len(indices), 64):
+        samples = [dataset.load(i) for i in indices[start : start + 64]]
+        images = torch.stack([teacher.resize(read_rgb(s["path"])) for s in samples])
+        labels = teacher.label(images, text, threshold=threshold, backend="reference")
+        grids += list(labels["parts"])
+        masks += [s["parts"] for s in samples]
+        soft.append(labels["attributes"])
+        target += [s["attributes"] for s in samples]
+    return label_quality(grids, masks, torch.cat(soft), torch.stack(target), prompts)
+
+
+def cache_quality(cache_dir: str, root: str, split: str = "train") -> dict:
+    """The pseudo-labels in the label cache at `cache_dir` of a synthetic split's images against
+    their ground truth (`label_quality`); images the cache lacks are left out."""
+    from clasp.teacher.cache import LabelCache, file_sha256
+
+    cache = LabelCache(cache_dir)
+    dataset = build_dataset("synth", root, split)
+    grids, masks, soft, target = [], [], [], []
+    for index in range(len(dataset)):
+        cached = cache.get(file_sha256(dataset.paths[index]))
+        if cached is None:
+            continue
+        sample = dataset.load(index)
+        grids.append(cached["parts"].long())
+        masks.append(sample["parts"])
+        soft.append(cached["attributes"].float())
+        target.append(sample["attributes"])
+    if not grids:
+        raise ValueError(f"none of the {split} images of {root} is in the label cache {cache_dir}")
+    return label_quality(grids, masks, torch.stack(soft), torch.stack(target), cache)

@@ -9,10 +9,11 @@ Layout of a cache folder:
                       attributes (n, A) fp32; its metadata holds the n sha256 keys and the
                       unreadable files met in that shard.
 
-Every file is written to a temporary name and renamed into place, and a shard counts only
-once the manifest names it: a run killed at any point leaves a readable cache, and the next
-run removes the temporaries and continues with the first unfinished shard. One labeler
-writes to a cache at a time; any number of readers may use it meanwhile.
+Every file is written through `clasp.atomic` (a temporary beside it, fsynced and renamed
+into place), and a shard counts only once the manifest names it: a run killed at any point
+leaves a readable cache, and the next run removes the temporaries and continues with the
+first unfinished shard. One labeler writes to a cache at a time; any number of readers may
+use it meanwhile.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from collections import OrderedDict
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from clasp.atomic import TMP_MARK, atomic_open, atomic_path
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -56,24 +59,10 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json_atomically(path: str, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-
-    _write_atomically(path, write)
+def _write_json(path: str, obj) -> None:
+    # durable: a shard is only found through the manifest, which must survive a power cut
+    with atomic_open(path, "w", durable=True) as f:
+        json.dump(obj, f, indent=1)
 
 
 def _read_json(path: str):
@@ -92,7 +81,7 @@ class LabelCacheWriter:
         if os.path.exists(meta_path):
             check_compatible(_read_json(meta_path), meta, root)
         else:
-            write_json_atomically(meta_path, meta)
+            _write_json(meta_path, meta)
         self._remove_temporaries()
         manifest_path = os.path.join(root, MANIFEST_FILE)
         self.manifest = (
@@ -109,7 +98,7 @@ class LabelCacheWriter:
         """Drop the half-written files of a killed run (one labeler writes a cache at a time)."""
         for folder in (self.root, os.path.join(self.root, SHARD_DIR)):
             for name in os.listdir(folder):
-                if ".tmp-" in name:
+                if TMP_MARK in name:
                     os.remove(os.path.join(folder, name))
 
     def write_shard(
@@ -132,10 +121,11 @@ class LabelCacheWriter:
         }
         metadata = {"keys": json.dumps(keys), "failed": json.dumps(failed)}
         path = os.path.join(self.root, SHARD_DIR, name)
-        _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        with atomic_path(path, durable=True) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
         entry = {"file": name, "images": len(keys), "unreadable": len(failed)}
         manifest = {"shards": [*self.manifest["shards"], entry]}
-        write_json_atomically(os.path.join(self.root, MANIFEST_FILE), manifest)
+        _write_json(os.path.join(self.root, MANIFEST_FILE), manifest)
         self.manifest = manifest
         self.done.update(keys)
         self.failed.update(failed)

@@ -1,12 +1,10 @@
-"""`clasp teacher fit`: train a small open_clip model to stand in for CLIP where no
-pre-trained weights can be downloaded.
+"""Fitting a small open_clip model to stand in for CLIP where no pre-trained weights can be
+downloaded (the command is `clasp teacher fit`, in `clasp.teacher.cli`).
 
-    clasp teacher fit --data DIR --out DIR [--epochs N] [--config FILE] [key=value ...]
-
-DIR holds a synthetic set (`clasp synth`) or PETA. The model is an open_clip `CLIP`: a tiny
-ViT image tower at person aspect ratio (128 x 64, patch 8) and a tiny text transformer with
-open_clip's tokenizer, saved with `save_teacher`, so `clasp label --teacher OUT` and
-`load_teacher(OUT)` use it like any open_clip model.
+It trains on a synthetic set (`clasp synth`) or PETA (see `clasp.teacher.fit_data`). The
+model is an open_clip `CLIP`: a tiny ViT image tower at person aspect ratio (128 x 64,
+patch 8) and a tiny text transformer with open_clip's tokenizer, saved with `save_teacher`,
+so `clasp label --teacher OUT` and `load_teacher(OUT)` use it like any open_clip model.
 
 What it learns from, per training image (one image per identity in a batch, so no caption
 is repeated and `ClipLoss` sees no false negatives):
@@ -22,31 +20,28 @@ A caption-only contrastive model learns what distinguishes whole images, almost 
 about where the head or the feet are; the part and attribute terms train exactly what the
 labeler reads: prompt embeddings against dense and pooled image features.
 
-The fit is deterministic for a given config on one machine. It prints the pseudo-label
-quality on held-out identities (the synthetic test split) when the set has one.
+The fit is deterministic for a given config on one machine. Given a `quality` function
+(the command passes `clasp.eval.pseudo_labels.teacher_quality`), it reports the pseudo-label
+quality of the saved teacher on held-out identities (the synthetic test split).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
-import re
-import sys
 import time
+from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from clasp.config import load_config
-from clasp.data.build import build_dataset
-from clasp.data.images import read_rgb
+from clasp.atomic import atomic_open, write_json
+from clasp.schedules import cosine
+from clasp.vocabulary import load_prompts
 
-from .prompts import Prompts, load_prompts
+from .fit_data import CaptionedImages, detect_format, identity_batches
 
 SEPARATION_TEMPERATURE = 0.1
 
@@ -86,133 +81,6 @@ FIT_DEFAULTS = {
         "text_cfg": {"context_length": 32, "width": 64, "heads": 2, "layers": 2},
     },
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Training data: images at the teacher's input size, captions, attribute and part targets
-
-
-def group_targets(vector, groups: dict[str, list[str]]) -> list[int]:
-    """Flat 0/1 attribute vector (NaN unknown) -> value index per group (-1: unknown or not
-    exactly one value set)."""
-    out, start = [], 0
-    for values in groups.values():
-        chunk = vector[start : start + len(values)]
-        start += len(values)
-        known = [v for v in chunk if not (isinstance(v, float) and math.isnan(v))]
-        ones = [i for i, v in enumerate(chunk) if v == 1]
-        out.append(ones[0] if len(ones) == 1 and len(known) == len(values) else -1)
-    return out
-
-
-# PETA attribute -> (group, value) of the packaged prompts; colours are read per body part.
-PETA_TO_GROUP = {
-    "personalMale": ("gender", "male"), "personalFemale": ("gender", "female"),
-    "personalLess15": ("age", "child"), "personalLess30": ("age", "adult"),
-    "personalLess45": ("age", "adult"), "personalLess60": ("age", "adult"),
-    "personalLarger60": ("age", "elderly"), "hairLong": ("hair", "long"),
-    "hairShort": ("hair", "short"), "upperBodyShortSleeve": ("upper_type", "short_sleeve"),
-    "upperBodyLongSleeve": ("upper_type", "long_sleeve"),
-    "lowerBodyTrousers": ("lower_type", "trousers"), "lowerBodyJeans": ("lower_type", "trousers"),
-    "lowerBodyShorts": ("lower_type", "shorts"), "lowerBodyShortSkirt": ("lower_type", "skirt"),
-    "lowerBodyLongSkirt": ("lower_type", "skirt"), "carryingBackpack": ("bag", "backpack"),
-    "carryingNothing": ("bag", "none"), "accessoryHat": ("hat", "hat"),
-    **{f"upperBody{c}": ("upper_color", c.lower().replace("grey", "gray"))
-       for c in ("Black", "White", "Red", "Blue", "Green", "Yellow", "Grey")},
-    **{f"lowerBody{c}": ("lower_color", c.lower().replace("grey", "gray"))
-       for c in ("Black", "White", "Red", "Blue", "Green", "Yellow", "Grey")},
-}  # fmt: skip
-
-
-def peta_targets(names: list[str], groups: dict[str, list[str]]) -> list[int]:
-    """PETA attribute names of one person -> value index per prompt group (-1 unknown: no
-    mapped attribute, or several values of one group). PETA lists what is present, so a
-    person without accessoryHat has no hat."""
-    found: dict[str, set[str]] = {g: set() for g in groups}
-    for name in names:
-        if name in PETA_TO_GROUP:
-            group, value = PETA_TO_GROUP[name]
-            if group in found:
-                found[group].add(value)
-    if "hat" in found and not found["hat"] and "none" in groups["hat"]:
-        found["hat"].add("none")
-    return [
-        groups[g].index(next(iter(v))) if len(v) == 1 and next(iter(v)) in groups[g] else -1
-        for g, v in found.items()
-    ]
-
-
-def words(name: str) -> str:
-    """'upperBodyShortSleeve' -> 'upper body short sleeve'."""
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name).lower()
-
-
-class _Example:
-    """Dataset index -> (pixels, caption, pid, group targets, part grid or None); runs in
-    DataLoader workers."""
-
-    def __init__(self, dataset, format, prompts: Prompts, image_size, grid_size):
-        self.dataset, self.format = dataset, format
-        self.groups = {g: list(v) for g, v in prompts.attributes.items()}
-        self.num_parts = len(prompts.part_names)
-        self.image_size, self.grid_size = tuple(image_size), tuple(grid_size)
-
-    def __call__(self, index: int):
-        from clasp.eval.probes import grid_labels
-
-        sample = self.dataset.load(index)
-        height, width = self.image_size
-        image = Image.fromarray(sample["image"].permute(1, 2, 0).numpy())
-        resized = image.resize((width, height), Image.Resampling.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
-        if self.format == "synth":
-            targets = group_targets(sample["attributes"].tolist(), self.groups)
-            grid = grid_labels(sample["parts"], self.grid_size, self.num_parts)
-            return pixels, sample["caption"], int(sample["pid"]), targets, grid
-        flags = sample["attributes"].tolist()
-        names = self.dataset.attribute_names
-        present = [n for n, v in zip(names, flags, strict=True) if v == 1]
-        caption = "a photo of a person: " + ", ".join(words(n) for n in present)
-        return pixels, caption, int(sample["pid"]), peta_targets(present, self.groups), None
-
-
-class _Examples(torch.utils.data.Dataset):
-    def __init__(self, indices: list[int], example: _Example):
-        self.indices, self.example = indices, example
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        return self.example(self.indices[i])
-
-
-class CaptionedImages:
-    """A training set in memory: pixels (N, 3, H, W) uint8 at the teacher's input size,
-    captions, pids, attribute targets (N, G) per prompt group (-1 unknown) and part grids
-    (N, gh, gw) (-1 unknown) or None."""
-
-    def __init__(
-        self, root, format, split, prompts: Prompts, image_size, grid_size, *,
-        max_images: int | None = None, workers: int = 0,
-    ):  # fmt: skip
-        self.dataset = build_dataset(format, root, split)
-        indices = list(range(len(self.dataset)))
-        if max_images is not None and len(indices) > max_images:
-            indices = [int(i * len(indices) / max_images) for i in range(max_images)]
-        example = _Example(self.dataset, format, prompts, image_size, grid_size)
-        loader = torch.utils.data.DataLoader(
-            _Examples(indices, example), batch_size=64, num_workers=workers, collate_fn=list
-        )
-        items = [item for batch in loader for item in batch]
-        self.pixels = torch.stack([item[0] for item in items])
-        self.captions = [item[1] for item in items]
-        self.pids = torch.tensor([item[2] for item in items])
-        self.targets = torch.tensor([item[3] for item in items], dtype=torch.long)
-        self.grids = torch.stack([item[4] for item in items]) if format == "synth" else None
-
-    def __len__(self) -> int:
-        return len(self.captions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,29 +164,33 @@ def build_clip(model_cfg: dict):
     return model
 
 
-def _detect_format(root: str) -> str:
-    return "synth" if os.path.isfile(os.path.join(root, "meta.json")) else "peta"
+def learning_rate(step: int, steps: int, cfg: dict) -> float:
+    """The fit's learning rate at `step` of `steps`: `clasp.train.schedules.cosine` with the
+    warmup counted from the step being taken (the first step trains at lr / warmup_steps, not
+    at 0; step warmup_steps - 1 reaches lr), then a half cosine from lr at step warmup_steps
+    towards min_lr, which it would reach one step after the last."""
+    warmup = cfg["warmup_steps"]
+    return cosine(step + 1 if step < warmup else step, steps + 1, cfg["lr"], cfg["min_lr"], warmup)
 
 
-def _identity_batches(pids: torch.Tensor, batch_size: int, generator: torch.Generator):
-    """Endless batches of image indices, at most one image per identity in a batch."""
-    by_pid: dict[int, list[int]] = {}
-    for i, pid in enumerate(pids.tolist()):
-        by_pid.setdefault(pid, []).append(i)
-    groups = list(by_pid.values())
-    batch_size = min(batch_size, len(groups))
-    while True:
-        order = torch.randperm(len(groups), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            chosen = [groups[g] for g in order[start : start + batch_size]]
-            yield [g[int(torch.randint(len(g), (1,), generator=generator))] for g in chosen]
+def fit(
+    root: str,
+    out: str,
+    config: dict,
+    *,
+    log: Callable[[str], None] = print,
+    quality: Callable[[str, str, str], dict] | None = None,
+) -> dict:
+    """Train the teacher on the set at root (config: FIT_DEFAULTS merged with the user's) and
+    save it to out with its fit_history.jsonl and fit.json; returns the fit summary.
 
-
-def fit(root: str, out: str, config: dict, *, log=print) -> dict:
-    """Train the teacher on the set at root and save it to out; returns the fit summary."""
+    quality(teacher_dir, root, split) -> dict scores the saved teacher's pseudo-labels on the
+    held-out split config["eval_split"] of a synthetic set; its result is the summary's
+    "quality" (`clasp.eval.pseudo_labels.teacher_quality` is the one the command uses).
+    """
     import open_clip
 
-    from .clip import save_teacher
+    from .loading import save_teacher
 
     cfg = config
     if cfg["threads"]:
@@ -326,7 +198,7 @@ def fit(root: str, out: str, config: dict, *, log=print) -> dict:
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
     prompts = load_prompts()
-    format = cfg["format"] or _detect_format(root)
+    format = cfg["format"] or detect_format(root)
     model = build_clip(cfg["model"])
     visual = model.visual
     tokenizer = open_clip.SimpleTokenizer(context_length=cfg["model"]["text_cfg"]["context_length"])
@@ -370,7 +242,7 @@ def fit(root: str, out: str, config: dict, *, log=print) -> dict:
         part_weight = part_weight / part_weight.mean()
     weights = cfg["loss"]
     generator = torch.Generator().manual_seed(cfg["seed"])
-    batches = _identity_batches(data.pids, batch_size, generator)
+    batches = identity_batches(data.pids, batch_size, generator)
     history = []
     model.train()
     log(
@@ -379,7 +251,7 @@ def fit(root: str, out: str, config: dict, *, log=print) -> dict:
     )
     start = time.perf_counter()
     for step in range(steps):
-        lr = _cosine_lr(step, steps, cfg["lr"], cfg["min_lr"], cfg["warmup_steps"])
+        lr = learning_rate(step, steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = torch.tensor(next(batches))
@@ -442,91 +314,16 @@ def fit(root: str, out: str, config: dict, *, log=print) -> dict:
         "config": cfg,
         "final_losses": {k: v for k, v in history[-1].items() if k not in ("step", "lr")},
     }
-    if format == "synth" and cfg["eval_split"]:
-        summary["quality"] = teacher_quality(out, root, cfg["eval_split"])
-        q = summary["quality"]
+    if quality is not None and format == "synth" and cfg["eval_split"]:
+        summary["quality"] = q = quality(out, root, cfg["eval_split"])
         log(
             f"  held-out ({cfg['eval_split']}) pseudo-labels: part pixel accuracy "
             f"{100 * q['part_pixel_accuracy']:.1f}% (all-background baseline "
             f"{100 * q['majority_baseline']:.1f}%), part mIoU {100 * q['part_mIoU']:.1f}%, "
             f"attribute mA {100 * q['attribute_mA']:.1f}%"
         )
-    with open(os.path.join(out, "fit_history.jsonl"), "w") as f:
+    with atomic_open(os.path.join(out, "fit_history.jsonl")) as f:
         for record in history:
             f.write(json.dumps(record) + "\n")
-    with open(os.path.join(out, "fit.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(out, "fit.json"), summary)
     return summary
-
-
-def _cosine_lr(step: int, steps: int, lr: float, min_lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def teacher_quality(
-    teacher_dir: str,
-    root: str,
-    split: str,
-    *,
-    max_images: int | None = 256,
-    threshold: float | None = 0.4,
-) -> dict:
-    """Pseudo-labels of the saved teacher on a synthetic split (through the labeler's own
-    `ClipTeacher.label`) against its ground truth; see `clasp.eval.pseudo_labels`."""
-    from clasp.eval.pseudo_labels import label_quality
-
-    from .clip import load_teacher
-
-    teacher = load_teacher(teacher_dir)
-    prompts = load_prompts()
-    dataset = build_dataset("synth", root, split)
-    indices = list(range(len(dataset)))
-    if max_images is not None and len(indices) > max_images:
-        indices = [int(i * len(indices) / max_images) for i in range(max_images)]
-    text = teacher.text_embeddings(prompts)
-    grids, masks, soft, target = [], [], [], []
-    for start in range(0, len(indices), 64):
-        samples = [dataset.load(i) for i in indices[start : start + 64]]
-        images = torch.stack([teacher.resize(read_rgb(s["path"])) for s in samples])
-        labels = teacher.label(images, text, threshold=threshold, backend="reference")
-        grids += list(labels["parts"])
-        masks += [s["parts"] for s in samples]
-        soft.append(labels["attributes"])
-        target += [s["attributes"] for s in samples]
-    return label_quality(grids, masks, torch.cat(soft), torch.stack(target), prompts)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="teacher_command", metavar="COMMAND", required=True)
-    p = sub.add_parser("fit", help="train a small open_clip teacher on a synthetic set or PETA")
-    p.add_argument("--data", required=True, help="synthetic set (clasp synth) or PETA folder")
-    p.add_argument("--out", required=True, help="teacher folder to write")
-    p.add_argument("--epochs", type=float, default=None, help="passes over the training images")
-    p.add_argument("--config", default=None, help="YAML file over the defaults")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(FIT_DEFAULTS, args.config, args.overrides)
-    except (KeyError, ValueError, FileNotFoundError) as error:
-        print(f"clasp teacher fit: {error}", file=sys.stderr)
-        return 2
-    if args.epochs is not None:
-        cfg["epochs"] = args.epochs
-    try:
-        summary = fit(args.data, args.out, cfg)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"clasp teacher fit: {error}", file=sys.stderr)
-        return 2
-    print(f"saved the teacher to {args.out} (use: clasp label --teacher {args.out} ...)")
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
-    return 0

@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from clasp import RANDOM_WEIGHTS
 from clasp.data.images import ImageReadError, list_images, read_rgb
+from clasp.vocabulary import Prompts, load_prompts
 
-from . import DENSE_MODES, RANDOM_WEIGHTS
+from . import DENSE_MODES
 from .cache import CacheMismatchError, LabelCache, LabelCacheWriter, file_sha256
-from .prompts import Prompts, load_prompts
 
 if TYPE_CHECKING:  # open_clip takes seconds to import: only `main` and callers load it
-    from .clip import ClipTeacher
+    from .model import ClipTeacher
 
 log = logging.getLogger("clasp.teacher")
 
@@ -34,6 +35,7 @@ DEFAULT_TEACHER = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
 DEFAULT_THRESHOLD = 0.4
 DEFAULT_SHARD_SIZE = 1024
+OVERLAY_DIR = "visualize"  # under the cache folder
 
 
 @dataclass
@@ -42,6 +44,7 @@ class LabelingReport:
     already_cached: int = 0  # images found in the cache (or duplicates of them)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     seconds: float = 0.0  # teacher time: decoding, forward passes and labeling
+    overlays: list[str] = field(default_factory=list)  # part-label PNGs written (visualize)
 
     @property
     def images_per_second(self) -> float:
@@ -101,9 +104,11 @@ def label_folder(
     workers: int = 0,
     backend: str = "auto",
     progress: bool = True,
+    visualize: int = 0,
 ) -> LabelingReport:
     """Label every image under the folder `images` (or in the list of paths `images`) that
-    is not yet in the cache at `out` (see the module doc)."""
+    is not yet in the cache at `out` (see the module doc). visualize: write part-label
+    overlays of the first that many cached images to `out/visualize/`."""
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be at least 1")
     # Shards hold whole batches, so a resumed run batches images exactly as before.
@@ -162,6 +167,11 @@ def label_folder(
     report.labelled += shard.flush(writer)
     bar.close()
     report.seconds = time.perf_counter() - start
+    if visualize > 0:
+        from .visualize import write_overlays
+
+        folder = os.path.join(out, OVERLAY_DIR)
+        report.overlays = write_overlays(LabelCache(out), paths, folder, visualize)
     return report
 
 
@@ -259,7 +269,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     log.setLevel(logging.INFO)
-    from .clip import TeacherLoadError, load_teacher
+    from .loading import TeacherLoadError, load_teacher
 
     pretrained = args.pretrained
     if pretrained is None and not os.path.isdir(args.teacher):
@@ -280,6 +290,7 @@ def main(args: argparse.Namespace) -> int:
             workers=args.workers,
             backend=args.backend,
             progress=not args.no_progress,
+            visualize=args.visualize,
         )
     except (TeacherLoadError, CacheMismatchError, OSError, ValueError) as error:
         log.error("%s", error)
@@ -299,9 +310,6 @@ def main(args: argparse.Namespace) -> int:
     for path, reason in report.unreadable:
         log.info("unreadable: %s (%s)", path, reason)
     if args.visualize > 0:
-        from .visualize import write_overlays
-
-        folder = os.path.join(args.out, "visualize")
-        written = write_overlays(cache, paths, folder, args.visualize)
-        log.info("wrote %d part overlays to %s", len(written), folder)
+        folder = os.path.join(args.out, OVERLAY_DIR)
+        log.info("wrote %d part overlays to %s", len(report.overlays), folder)
     return 0

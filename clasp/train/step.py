@@ -73,7 +73,7 @@ class PretrainStep:
         source = self.config["prompt_init"]
         if not source["teacher"]:
             return
-        from clasp.teacher.clip import load_teacher
+        from clasp.teacher.loading import load_teacher
 
         teacher = load_teacher(source["teacher"], source["pretrained"])
         model.backbone.prompts.init_from_text(teacher.encode_text)

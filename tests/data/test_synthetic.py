@@ -16,7 +16,7 @@ from clasp.data.build import build_dataset
 from clasp.data.pedestrians import COLOR_RGB, check_vocabulary, sample_identity, setup_camera
 from clasp.data.render import render
 from clasp.data.synthetic import generate
-from clasp.teacher.prompts import load_prompts
+from clasp.vocabulary import load_prompts
 from tests.conftest import SESSION_SEED
 
 SIZE = (128, 64)

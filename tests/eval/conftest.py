@@ -3,7 +3,6 @@ import timm
 import torch
 import torch.nn as nn
 
-from clasp.data.synthetic import generate
 from tests.utils import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 
@@ -31,14 +30,6 @@ class TimmPatchEncoder(nn.Module):
 @pytest.fixture(scope="session")
 def encoder():
     return TimmPatchEncoder().eval()
-
-
-@pytest.fixture(scope="session")
-def synth_set(tmp_path_factory):
-    """12 identities x 4 images from 4 cameras, 64 x 32: 6 train and 6 test identities."""
-    root = tmp_path_factory.mktemp("synth")
-    generate(str(root), ids=12, images_per_id=4, cameras=4, size=(64, 32), seed=3)
-    return str(root)
 
 
 TINY_CLASP = """

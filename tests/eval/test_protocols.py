@@ -15,7 +15,7 @@ from clasp.eval.features import (
     split_by_group,
     task_key,
 )
-from clasp.eval.probes import AttributeProbe, HeatmapProbe, PartProbe, grid_labels
+from clasp.eval.probes import AttributeProbe, HeatmapProbe, PartProbe
 from clasp.eval.protocols import SetLoader, run_protocol
 
 
@@ -28,18 +28,6 @@ def test_attribute_probe_reads_informative_features():
     predicted = probe.predict(features[100:])
     known = ~torch.isnan(targets[100:])
     assert (predicted == (targets[100:] == 1))[known].float().mean() > 0.95
-
-
-def test_grid_labels_take_the_majority_and_skip_ignored_pixels():
-    mask = torch.tensor(
-        [
-            [0, 0, 1, 1],
-            [0, 2, 1, -1],
-            [-1, -1, 3, 3],
-            [-1, -1, 3, 2],
-        ]
-    )
-    assert grid_labels(mask, (2, 2), 4).tolist() == [[0, 1], [-1, 3]]
 
 
 def _cell_features(labels: torch.Tensor, num_classes: int, dim: int = 12) -> torch.Tensor:

@@ -6,7 +6,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import clasp
 from clasp.model import build_backbone, build_model, save_backbone, timm_state_dict
-from clasp.teacher.clip import load_teacher
+from clasp.teacher import load_teacher
 from tests.utils import assert_close
 
 TINY = {

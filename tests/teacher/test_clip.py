@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from clasp.teacher import TeacherLoadError, load_prompts, load_teacher, save_teacher
-from clasp.teacher.clip import ClipTeacher, _value_path
+from clasp.teacher.model import ClipTeacher, _value_path
 from tests.teacher.conftest import TINY_CLIP
 
 

@@ -1,4 +1,9 @@
-"""The teacher's vocabulary: part classes and attribute groups with their text prompts."""
+"""The vocabulary of person parts and attributes, with the text prompts that name them.
+
+One file (`prompts.yaml` beside this module, or the user's own) fixes the part classes and
+attribute groups for every stage: the synthetic generator draws and labels them, the teacher
+embeds their prompts, and the label cache and the model heads are sized by them.
+"""
 
 from __future__ import annotations
 

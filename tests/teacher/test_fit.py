@@ -1,15 +1,20 @@
-"""The offline teacher: a short fit saves a teacher that the labeler loads and uses."""
+"""The offline teacher fit: a short fit saves a teacher that the labeler loads and uses."""
 
 import json
+import math
 import os
 
+import pytest
 import torch
 
 from clasp.cli import main as clasp_main
 from clasp.config import load_config
 from clasp.teacher import load_prompts, load_teacher
-from clasp.teacher.fit import FIT_DEFAULTS, CaptionedImages, fit, image_features, peta_targets
-from tests.utils import assert_close
+from clasp.teacher.fit import FIT_DEFAULTS, fit, image_features, learning_rate
+from tests.utils import (
+    assert_close,
+    one_thread,  # noqa: F401  (autouse: one torch thread per test)
+)
 
 TINY = [
     "model.embed_dim=16",
@@ -59,25 +64,31 @@ def test_fit_saves_a_teacher_the_labeler_loads(synth_set, tmp_path, capsys):
     assert_close(plain, expected_plain)
 
 
-def test_peta_captions_and_targets_come_from_its_attribute_names(shared_data, tmp_path):
-    prompts = load_prompts()
-    data = CaptionedImages(
-        os.path.join(shared_data, "peta"), "peta", "train", prompts, (64, 32), (8, 4),
-        max_images=6,
-    )  # fmt: skip
-    assert len(data) == 6 and data.pixels.shape == (6, 3, 64, 32) and data.grids is None
-    assert all(c.startswith("a photo of a person: ") and len(c) > 25 for c in data.captions)
-    sizes = torch.tensor(prompts.group_sizes)
-    assert ((data.targets >= -1) & (data.targets < sizes)).all() and (data.targets >= 0).any()
-    groups = {g: list(v) for g, v in prompts.attributes.items()}
-    targets = peta_targets(["personalFemale", "upperBodyRed", "upperBodyBlue", "hairLong"], groups)
-    by_group = dict(zip(groups, targets, strict=True))
-    assert by_group["gender"] == groups["gender"].index("female")
-    assert by_group["upper_color"] == -1  # two colours: ambiguous
-    assert by_group["hat"] == groups["hat"].index("none")  # PETA lists what is present
-    assert by_group["bag"] == -1
+def test_fit_on_peta_trains_without_part_masks_and_asks_no_quality(shared_data, tmp_path):
+    def no_quality(*args):
+        raise AssertionError("a PETA fit has no held-out ground truth to score")
 
     cfg = load_config(FIT_DEFAULTS, None, [*TINY, "steps=2", "max_images=8"])
-    summary = fit(os.path.join(shared_data, "peta"), str(tmp_path / "t"), cfg, log=lambda m: None)
+    out = str(tmp_path / "t")
+    summary = fit(
+        os.path.join(shared_data, "peta"), out, cfg, log=lambda m: None, quality=no_quality
+    )
     assert summary["format"] == "peta" and "parts" not in summary["final_losses"]
-    assert load_teacher(str(tmp_path / "t")).image_size == (64, 32)
+    assert "quality" not in summary
+    assert json.load(open(os.path.join(out, "fit.json")))["steps"] == 2
+    assert load_teacher(out).image_size == (64, 32)
+
+
+@pytest.mark.parametrize("steps, warmup", [(180, 10), (25, 10), (3, 10), (7, 1), (5, 0)])
+def test_learning_rate_warms_up_from_the_first_step_then_decays_by_half_cosine(steps, warmup):
+    lr, min_lr = 2e-3 * (1 + torch.rand(()).item()), 1e-5
+    cfg = {"lr": lr, "min_lr": min_lr, "warmup_steps": warmup}
+    rates = [learning_rate(step, steps, cfg) for step in range(steps)]
+    for step, rate in enumerate(rates):
+        if step < warmup:
+            expected = lr * (step + 1) / warmup
+        else:
+            progress = (step - warmup) / max(1, steps - warmup)
+            expected = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+        assert rate == pytest.approx(expected, rel=1e-12), step
+    assert all(min_lr < r <= lr * (1 + 1e-12) for r in rates)

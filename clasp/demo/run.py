@@ -1,0 +1,287 @@
+"""The demo's stages, each timed against a budget and skipped when an earlier run finished it
+(a killed demo resumes; a run with other settings starts over):
+
+  synth     synthetic pedestrians with full ground truth; identities split in halves:
+            train (teacher fit, pre-training, probe training) and test (probe testing, re-ID)
+  teacher   fit the offline open_clip teacher on the train identities (`clasp teacher fit`)
+  label     the teacher's part and attribute pseudo-labels (`clasp label`), their quality
+            against the ground truth of the train identities, and part-label overlays
+  clasp     pre-train CLASP: PC-MoE ViT, self-distillation + part + attribute losses
+  baseline  pre-train self-distillation alone: the same ViT, dense MLPs, no pseudo-labels
+  eval      frozen features of random-init, self-distillation and CLASP backbones on re-ID,
+            attributes, parsing and pose (CLASP under each task's prompt), and CLASP's
+            task x prompt matrix
+
+Each stage calls the function its command calls, with the settings the command would build.
+Writes into the output folder: results.md (the table), summary.json, loss_curves.png,
+part_labels.png, task_prompt_matrix.png, and each stage's own outputs in its folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+
+from clasp import RANDOM_WEIGHTS
+
+from .report import MODEL_NAMES, overlay_sheet, read_json, save_json, write_report
+
+# Seconds each stage should take at the default scale on 2 CPU cores (12 minutes in all).
+BUDGET_S = {"synth": 25, "teacher": 100, "label": 20, "clasp": 230, "baseline": 200, "eval": 120}
+SCALES = {
+    "default": {
+        "synth": {"ids": 200, "images_per_id": 8, "cameras": 4},
+        "teacher": ["steps=180", "batch_size=64", "max_seconds=120"],
+        "pretrain": ["optim.steps=150", "data.batch_size=32"],
+    },
+    # A smoke test: every stage on a handful of images and a tiny model.
+    "tiny": {
+        "synth": {"ids": 8, "images_per_id": 4, "cameras": 2},
+        "teacher": [
+            "steps=3", "batch_size=4", "model.embed_dim=16", "model.vision_cfg.width=32",
+            "model.vision_cfg.layers=1", "model.vision_cfg.head_width=16",
+            "model.text_cfg.width=32", "model.text_cfg.layers=1", "model.text_cfg.heads=2",
+        ],
+        "pretrain": [
+            "optim.steps=2", "optim.warmup_steps=1", "data.batch_size=4", "model.depth=2",
+            "model.kernels=reference",  # eager MoE: no Triton interpreter under the tests
+            "model.embed_dim=32", "model.num_heads=2", "heads.dino.out_dim=64",
+            "heads.dino.hidden_dim=64", "heads.dino.bottleneck_dim=32", "crops.n_local=2",
+            "train.checkpoint_every=2", "train.plot_every=2", "train.log_every=1",
+        ],
+    },
+}  # fmt: skip
+# The self-distillation baseline: the same ViT with dense MLPs and no pseudo-label losses.
+BASELINE_OVERRIDES = ["model.moe.blocks=[]", "data.labels=null"]
+OVERLAYS = 8  # part-label overlays written by the label stage
+
+
+class StageInterrupted(RuntimeError):
+    """A stage stopped before its end (pre-training on SIGINT / SIGTERM); it is not marked
+    finished, so the next run redoes it."""
+
+
+class Stages:
+    """Runs named stages once, times them against their budget, skips finished ones."""
+
+    def __init__(self, out: str, settings: dict, budgets: dict):
+        self.out, self.budgets, self.seconds = out, budgets, {}
+        self.path = os.path.join(out, "stages.json")
+        state = read_json(self.path) if os.path.exists(self.path) else {}
+        if state and state.get("settings") != settings:
+            print(f"[demo] {out} holds a run with other settings: starting over")
+            state = {}
+        self.state = {"settings": settings, "done": state.get("done", {})}
+
+    def run(self, name: str, fn) -> None:
+        budget = self.budgets.get(name)
+        if name in self.state["done"]:
+            self.seconds[name] = self.state["done"][name]
+            print(f"[demo] {name}: finished by an earlier run ({self.seconds[name]:.0f} s)")
+            return
+        print(f"[demo] {name} (budget {budget} s) ...", flush=True)
+        start = time.perf_counter()
+        fn()
+        self.seconds[name] = self.state["done"][name] = time.perf_counter() - start
+        save_json(self.path, self.state)
+        print(f"[demo] {name}: {self.seconds[name]:.0f} s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def synthesize(out: str, ids: int, images_per_id: int, cameras: int, seed: int) -> dict:
+    """The synthetic set (`clasp synth --force`, the command's other defaults)."""
+    from clasp.data.synthetic import generate
+
+    start = time.perf_counter()
+    meta = generate(out, ids, images_per_id, cameras, seed=seed, workers=2, overwrite=True)
+    print(
+        f"[demo]   wrote {meta['num_images']} images of {meta['ids']} identities from "
+        f"{cameras} cameras in {time.perf_counter() - start:.1f} s"
+    )
+    return meta
+
+
+def fit_teacher(synth: str, out: str, overrides: list[str], threads: int, workers: int) -> dict:
+    """The offline teacher (`clasp teacher fit` with these overrides), with its held-out
+    pseudo-label quality."""
+    from clasp.config import load_config
+    from clasp.eval.pseudo_labels import teacher_quality
+    from clasp.teacher.fit import FIT_DEFAULTS, fit
+
+    config = load_config(FIT_DEFAULTS, None, [*overrides, f"workers={workers}"])
+    config["threads"] = threads
+    log = lambda line: print(f"[demo]   {line.strip()}")
+    return fit(synth, out, config, log=log, quality=teacher_quality)
+
+
+def label(synth: str, teacher_dir: str, labels: str, out: str, workers: int) -> dict:
+    """The teacher's pseudo-labels of every synthetic image (`clasp label --teacher DIR
+    --visualize 8 --backend reference`), their quality against the ground truth of the train
+    identities (to out/pseudo_label_quality.json) and a sheet of overlays (part_labels.png)."""
+    import torch
+
+    from clasp.eval.pseudo_labels import cache_quality
+    from clasp.teacher.labeling import label_folder
+    from clasp.teacher.loading import load_teacher
+    from clasp.vocabulary import load_prompts
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # as `clasp label`
+    teacher = load_teacher(teacher_dir, device=device)
+    report = label_folder(
+        os.path.join(synth, "images"), labels, teacher, load_prompts(), workers=workers,
+        backend="reference", progress=False, visualize=OVERLAYS,
+    )  # fmt: skip
+    print(
+        f"[demo]   labelled {report.labelled} images in {report.seconds:.1f} s, "
+        f"{report.already_cached} already cached, {len(report.unreadable)} unreadable"
+    )
+    quality = cache_quality(labels, synth, "train")
+    save_json(os.path.join(out, "pseudo_label_quality.json"), quality)
+    overlay_sheet(os.path.join(labels, "visualize"), os.path.join(out, "part_labels.png"))
+    return quality
+
+
+def pretrain(config: dict) -> None:
+    """One pre-training run (`clasp pretrain`) from a config of `build_config`. The demo owns
+    its run folders: a run killed with this config resumes from its checkpoint, a run made
+    with another config is replaced."""
+    from clasp.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from clasp.train.trainer import train
+
+    config = copy.deepcopy(config)
+    checkpoint = os.path.join(config["output_dir"], CHECKPOINT_NAME)
+    earlier = load_checkpoint(checkpoint)["config"] if os.path.isfile(checkpoint) else None
+    if earlier is not None and _same_run(earlier, config):
+        config["train"]["resume"] = "auto"
+    else:
+        config["train"]["overwrite"] = True
+    result = train(config)
+    if result.stopped_by is not None:
+        raise StageInterrupted(
+            f"pre-training in {config['output_dir']} stopped by {result.stopped_by} at step "
+            f"{result.step}; run the demo again to continue it"
+        )
+
+
+def _same_run(a: dict, b: dict) -> bool:
+    def run_settings(config: dict) -> dict:
+        train = {k: v for k, v in config["train"].items() if k not in ("resume", "overwrite")}
+        return {**config, "train": train}
+
+    return run_settings(a) == run_settings(b)
+
+
+def evaluate(models: dict, synth: str, out: str, weights: str = "student") -> dict:
+    """Every protocol on the synthetic split for each backbone (a CLASP backbone under the
+    protocol's own task prompt); CLASP's task x prompt matrix to out."""
+    from clasp.eval.features import FeatureBank, load_encoder
+    from clasp.eval.protocols import PROTOCOLS, SetLoader, run_protocol, task_prompt_matrix
+    from clasp.eval.report import matrix_table, plot_matrix
+
+    results, loader = {}, None
+    for name, (checkpoint, config) in models.items():
+        start = time.perf_counter()
+        encoder = load_encoder(checkpoint, config, seed=0, weights=weights)
+        bank = FeatureBank(encoder)
+        loader = loader or SetLoader(bank.size)
+        results[name] = {}
+        for protocol in PROTOCOLS:
+            task = protocol if protocol in bank.tasks else None
+            result = run_protocol(protocol, bank, loader, "synth", synth, task)
+            results[name][protocol] = result
+            print(
+                f"[demo]   {MODEL_NAMES[name]:<17} {protocol:<10} {result['metric']:<4} "
+                f"{100 * result['value']:5.1f}"
+            )
+        if name == "clasp" and bank.tasks:
+            matrix = task_prompt_matrix(bank, loader, synth)
+            print(matrix_table(matrix))
+            save_json(os.path.join(out, "task_prompt_matrix.json"), matrix)
+            plot_matrix(matrix, os.path.join(out, "task_prompt_matrix.png"), "CLASP: task x prompt")
+        print(f"[demo]   {MODEL_NAMES[name]} evaluated in {time.perf_counter() - start:.0f} s")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole demo
+
+
+def run_demo(
+    out: str = "runs/demo",
+    config: str = "demo",
+    *,
+    scale: str = "default",
+    force: bool = False,
+    seed: int = 0,
+    threads: int = 1,
+    workers: int = 1,
+    pretrain_overrides: list[str] = (),
+) -> dict:
+    """Run (or resume) every stage into `out` and write the report; returns summary.json's
+    content. config: the pre-training YAML or a packaged config's name; pretrain_overrides:
+    `key.sub=value` for both pre-training runs. Bad settings raise before any stage runs:
+    FileNotFoundError (config), KeyError / ValueError (overrides)."""
+    import torch
+
+    from clasp.config import resolve_config
+    from clasp.teacher.cache import file_sha256
+    from clasp.train.config import build_config
+
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
+    config = os.path.abspath(resolve_config(config))
+    sizes = SCALES[scale]
+    out = os.path.abspath(out)
+    paths = {k: os.path.join(out, k) for k in ("synth", "teacher", "labels", "clasp", "baseline")}
+    common = [
+        f"data.root={paths['synth']}", f"seed={seed}", f"data.num_workers={workers}",
+        f"train.cpu_threads={threads}", *sizes["pretrain"], *pretrain_overrides,
+    ]  # fmt: skip
+    clasp_config = build_config(
+        config, [f"output_dir={paths['clasp']}", f"data.labels={paths['labels']}", *common]
+    )
+    baseline_config = build_config(
+        config, [f"output_dir={paths['baseline']}", *common, *BASELINE_OVERRIDES]
+    )
+    if force and os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    torch.set_num_threads(threads)
+    settings = {
+        "scale": scale, "config": config, "seed": seed,
+        "pretrain_overrides": list(pretrain_overrides),
+        "config_sha256": file_sha256(config),  # an edited config starts over too
+    }  # fmt: skip
+    stages = Stages(out, settings, BUDGET_S if scale == "default" else {})
+    total = time.perf_counter()
+    synth = sizes["synth"]
+
+    stages.run("synth", lambda: synthesize(
+        paths["synth"], synth["ids"], synth["images_per_id"], synth["cameras"], seed
+    ))  # fmt: skip
+    stages.run("teacher", lambda: fit_teacher(
+        paths["synth"], paths["teacher"], [*sizes["teacher"], f"seed={seed}"], threads, workers
+    ))  # fmt: skip
+    stages.run("label", lambda: label(
+        paths["synth"], paths["teacher"], paths["labels"], out, workers
+    ))  # fmt: skip
+    stages.run("clasp", lambda: pretrain(clasp_config))
+    stages.run("baseline", lambda: pretrain(baseline_config))
+
+    models = {
+        "random": (RANDOM_WEIGHTS, os.path.join(paths["clasp"], "config.yaml")),
+        "baseline": (os.path.join(paths["baseline"], "checkpoint.pt"), None),
+        "clasp": (os.path.join(paths["clasp"], "checkpoint.pt"), None),
+    }
+    stages.run("eval", lambda: save_json(
+        os.path.join(out, "eval.json"), evaluate(models, paths["synth"], out)
+    ))  # fmt: skip
+    results = read_json(os.path.join(out, "eval.json"))
+    text = write_report(out, results, stages.seconds, time.perf_counter() - total, settings)
+    print("\n" + text)
+    return read_json(os.path.join(out, "summary.json"))
