@@ -32,10 +32,15 @@ from .grouped_matmul_kernels import (
     dot_dtype,
     dot_precision,
 )
-from .utils import autocast_inputs, check_same_device, check_tensor, new_output, use_triton
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-INDEX_DTYPES = (torch.int32, torch.int64)
+from .utils import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    autocast_inputs,
+    check_same_device,
+    check_tensor,
+    new_output,
+    use_triton,
+)
 
 
 def _grid_rows(num_rows: int, E: int, N: int):

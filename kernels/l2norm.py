@@ -13,9 +13,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .utils import check_tensor, new_output, use_triton
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from .utils import FLOAT_DTYPES, check_tensor, new_output, use_triton
 
 
 @triton.jit

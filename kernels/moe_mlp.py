@@ -24,6 +24,8 @@ from .moe_mlp_kernels import _grouped_mm_act_bwd_kernel, _sum_slots_kernel
 from .reference import ACTIVATIONS
 from .types import Routing
 from .utils import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
     autocast_inputs,
     check_same_device,
     check_tensor,
@@ -31,9 +33,6 @@ from .utils import (
     new_output,
     use_triton,
 )
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:

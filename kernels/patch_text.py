@@ -24,9 +24,15 @@ import triton.language as tl
 
 from . import reference
 from .types import PatchLabels
-from .utils import check_same_device, check_tensor, interpreter_active, new_output, use_triton
+from .utils import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    interpreter_active,
+    new_output,
+    use_triton,
+)
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MIN_CLASSES, MAX_CLASSES = 2, 64
 # tl.dot needs every block dimension >= 16; smaller class counts are padded and masked.
 MIN_BLOCK_C = 16
@@ -206,8 +212,8 @@ def _(patches, text, temperature, threshold, has_threshold, return_probs):
 
 
 def _check_inputs(patches, text, temperature, threshold) -> None:
-    check_tensor("patches", patches, 3, DTYPES)
-    check_tensor("text", text, 2, DTYPES)
+    check_tensor("patches", patches, 3, FLOAT_DTYPES)
+    check_tensor("text", text, 2, FLOAT_DTYPES)
     check_same_device(patches=patches, text=text)
     B, N, D = patches.shape
     C, D_text = text.shape

@@ -9,8 +9,11 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
-# What the Triton kernels take; the references also take fp64 (the dtype of exact tests).
+# What the Triton kernels take; every op also takes fp64 (the dtype of exact tests), which
+# runs its eager reference.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 _poison = False
 
