@@ -1,9 +1,9 @@
 """Fused L2 normalisation over the last dimension: one read and one write per element.
 
-The smallest op in the package and the pattern the others follow: private `@triton.jit`
-kernels, plain launchers, `torch.library.custom_op` wrappers so `torch.compile` treats the
-launches as opaque nodes, one `torch.autograd.Function`, and a public function that
-dispatches between Triton and the eager reference.
+The smallest op in the package: its `@triton.jit` kernels are short enough to sit beside the
+launchers, custom ops, autograd Function and public function, as in `patch_text.py` (the
+larger ops keep theirs in `<op>_kernels.py`). Unlike the other kernels these also take fp64
+(accumulating in fp64), so fp64 runs Triton here too.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .utils import check_tensor, new_output, use_triton
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from .utils import FLOAT_DTYPES, check_tensor, new_output, use_triton
 
 
 @triton.jit
@@ -153,11 +151,12 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-12, *, backend: str = "auto") 
         eps: lower bound on the norm.
         backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1), "triton" or "reference".
     Returns:
-        (..., D) tensor of x's dtype. Differentiable.
+        (..., D) tensor of x's dtype, whether or not autocast is on. Differentiable.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("x must be a tensor with at least one dimension")
     check_tensor("x", x, x.dim(), FLOAT_DTYPES)
-    if not use_triton(backend, x) or x.numel() == 0:
-        return reference.l2_normalize(x, eps)
+    if not use_triton("l2_normalize", backend, kernel_dtypes=FLOAT_DTYPES, x=x) or x.numel() == 0:
+        with torch.autocast(x.device.type, enabled=False):
+            return reference.l2_normalize(x, eps)
     return L2Normalize.apply(x, eps)

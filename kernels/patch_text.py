@@ -23,10 +23,16 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .reference import PatchLabels
-from .utils import check_same_device, check_tensor, interpreter_active, new_output, use_triton
+from .types import PatchLabels
+from .utils import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    interpreter_active,
+    new_output,
+    use_triton,
+)
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_CLASSES, MAX_CLASSES = 2, 64
 # tl.dot needs every block dimension >= 16; smaller class counts are padded and masked.
 MIN_BLOCK_C = 16
@@ -206,8 +212,8 @@ def _(patches, text, temperature, threshold, has_threshold, return_probs):
 
 
 def _check_inputs(patches, text, temperature, threshold) -> None:
-    check_tensor("patches", patches, 3, DTYPES)
-    check_tensor("text", text, 2, DTYPES)
+    check_tensor("patches", patches, 3, FLOAT_DTYPES)
+    check_tensor("text", text, 2, FLOAT_DTYPES)
     check_same_device(patches=patches, text=text)
     B, N, D = patches.shape
     C, D_text = text.shape
@@ -244,22 +250,26 @@ def patch_text_labels(
     probs[b, n] = softmax_c(cos(patches[b, n], text[c]) / temperature).
 
     Args:
-        patches: (B, N, D) dense image features, fp32, bf16 or fp16; any strides.
-        text: (C, D) class embeddings (normalised inside), 2 <= C <= 64, fp32, bf16 or fp16.
+        patches: (B, N, D) dense image features, fp32, bf16 or fp16 (fp64 runs the
+            reference); any strides.
+        text: (C, D) class embeddings (normalised inside), 2 <= C <= 64, the same dtypes.
         temperature: positive float; CLIP uses 1 / logit_scale.exp() (about 0.01).
         threshold: labels whose max probability is below it become -1; None keeps all.
         return_probs: also return the (B, N, C) probabilities.
-        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1), "triton" or "reference".
+        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1; the reference for
+            fp64), "triton" or "reference".
     Returns:
         PatchLabels(labels (B, N) int64, confidence (B, N) fp32, probs (B, N, C) fp32 or None).
-        Inference only: no gradient flows back to patches or text.
+        Inference only: no gradient flows back to patches or text. Autocast does not apply:
+        both backends compute from the inputs as given.
     """
     _check_inputs(patches, text, temperature, threshold)
     patches, text = patches.detach(), text.detach()
-    if not use_triton(backend, patches, text):
-        return reference.patch_text_labels(
-            patches, text, temperature, threshold=threshold, return_probs=return_probs
-        )
+    if not use_triton("patch_text_labels", backend, patches=patches, text=text):
+        with torch.autocast(patches.device.type, enabled=False):
+            return reference.patch_text_labels(
+                patches, text, temperature, threshold=threshold, return_probs=return_probs
+            )
     labels, confidence, probs = _patch_text_labels_op(
         patches,
         text,

@@ -2,43 +2,41 @@
 
 Each function has the same signature and semantics as its Triton op; autograd through these
 is the ground truth for gradients. They compute at the precision of their inputs (router
-logits and softmax at least fp32), so tests call them on fp64 copies of the inputs.
+logits and softmax at least fp32), so tests call them on fp64 copies of the inputs, and the
+public ops run them for fp64 inputs. `routing_metadata` is the one place that groups slots by
+expert: `route` returns it, and the grouped-GEMM backward groups rows by token with it.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
+from .types import PatchLabels, Routing
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
-
-
-class Routing(NamedTuple):
-    """Routing of T = B*N tokens to E experts, k experts per token.
-
-    A token's k choices are its slots: slot s = t * k + j is choice j of token t.
-    """
-
-    expert_idx: torch.Tensor  # (T, k) int32, expert of each slot, by descending probability
-    weights: torch.Tensor  # (T, k) fp32, gate weight of each slot
-    counts: torch.Tensor  # (E,) int32, slots per expert
-    offsets: torch.Tensor  # (E+1,) int32, exclusive cumulative sum of counts
-    sorted_slots: torch.Tensor  # (T*k,) int32, slots grouped by expert, ascending within one
-    probs_mean: torch.Tensor  # (E,) fp32, mean router probability per expert
-    z_loss: torch.Tensor  # () fp32, mean over tokens of logsumexp(logits)^2
-
-
-class PatchLabels(NamedTuple):
-    labels: torch.Tensor  # (B, N) int64, argmax class, or -1 under the threshold
-    confidence: torch.Tensor  # (B, N) fp32, max class probability
-    probs: torch.Tensor | None  # (B, N, C) fp32 when asked for
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """x / max(||x||_2, eps) over the last dimension, like `F.normalize(x, dim=-1)`."""
     return F.normalize(x, dim=-1, eps=eps)
+
+
+def routing_metadata(
+    expert_idx: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A stable counting sort of the flattened indices: the slots of each expert, in order.
+
+    expert_idx: (T, k) (or any shape) integer indices in [0, num_experts) ->
+    counts (E,), offsets (E+1,) (exclusive cumulative sum of counts, offsets[0] = 0) and
+    sorted_slots (T*k,) (flat positions grouped by index, ascending within one), all int64.
+    """
+    flat = expert_idx.reshape(-1).long()
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    sorted_slots = torch.sort(flat, stable=True).indices
+    return counts, offsets, sorted_slots
 
 
 def router_logits(x: torch.Tensor, w_gate: torch.Tensor, prompt_bias: torch.Tensor) -> torch.Tensor:
@@ -68,11 +66,7 @@ def route(
     order = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
     top_probs = probs.gather(1, order)
     weights = top_probs / top_probs.sum(-1, keepdim=True) if normalize else top_probs
-    flat = order.reshape(-1)
-    counts = torch.bincount(flat, minlength=E)
-    offsets = torch.zeros(E + 1, dtype=torch.int64, device=x.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    sorted_slots = torch.sort(flat, stable=True).indices
+    counts, offsets, sorted_slots = routing_metadata(order, E)
     z_loss = torch.logsumexp(logits, dim=-1).square().mean()
     return Routing(
         expert_idx=order.to(torch.int32),

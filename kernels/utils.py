@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
+# What the Triton kernels take; every op also takes fp64 (the dtype of exact tests), which
+# runs its eager reference.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 _poison = False
 
@@ -17,17 +23,47 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
-    """Pick the implementation for an op call.
+def dtype_names(dtypes, last_separator: str = ", ") -> str:
+    """ "float32, float16" (or "float32 or float16" with last_separator=" or ")."""
+    *others, last = [str(d).removeprefix("torch.") for d in dtypes]
+    return last_separator.join([", ".join(others), last]) if others else last
 
-    "auto": Triton for CUDA tensors or under the interpreter, the eager reference otherwise.
-    "triton": always Triton (CPU tensors need the interpreter). "reference": always eager.
+
+def use_triton(
+    op: str,
+    backend: str,
+    *,
+    kernel_dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES,
+    **tensors: torch.Tensor | None,
+) -> bool:
+    """Pick the implementation of a call to `op` on the named input tensors.
+
+    "auto": Triton for CUDA tensors or under the interpreter, the eager reference otherwise,
+    and the reference for floating inputs of a dtype the kernels do not take (fp64).
+    "triton": always Triton (CPU tensors need the interpreter); such inputs are a TypeError.
+    "reference": always eager.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return False
-    on_cuda = all(t.is_cuda for t in tensors)
+    named = {k: t for k, t in tensors.items() if t is not None}
+    unsupported = {
+        k: t.dtype
+        for k, t in named.items()
+        if t.dtype.is_floating_point and t.dtype not in kernel_dtypes
+    }
+    if unsupported:
+        if backend == "triton":
+            takes = dtype_names(kernel_dtypes, " or ")
+            got = ", ".join(f"{k} {dtype_names([d])}" for k, d in unsupported.items())
+            raise TypeError(
+                f"{op} with backend='triton' takes {takes} inputs, got {got}: cast them to "
+                "one of those, or use backend='reference' (the eager PyTorch op, which "
+                "backend='auto' picks for these dtypes)"
+            )
+        return False
+    on_cuda = all(t.is_cuda for t in named.values())
     if interpreter_active():
         return True
     if backend == "triton" and not on_cuda:
@@ -38,14 +74,34 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     return on_cuda
 
 
+def autocast_inputs(device_type: str, *tensors: torch.Tensor | None):
+    """The autocast rule of the matmul ops (`moe_mlp`, `grouped_matmul`), on both paths: under
+    `torch.autocast` every input is cast to the autocast dtype, as `torch.matmul`'s are; the
+    result then has that dtype. Outside autocast the inputs are returned as they are."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+@functools.cache
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached): the kernels size grids by it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessor_count(index)
+
+
 def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...]) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if t.dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise TypeError(f"{name} must be one of {names}, got {t.dtype}")
+        raise TypeError(f"{name} must be one of {dtype_names(dtypes)}, got {t.dtype}")
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:

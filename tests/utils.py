@@ -1,7 +1,9 @@
-"""Helpers shared by the tests: tolerances per dtype, poisoned outputs, random inputs, and the
-one-thread fixture of the model-sized tests."""
+"""Helpers shared by the tests: tolerances per dtype, poisoned outputs, random inputs, a check
+that an op never entered its Triton path, and the one-thread fixture of the model-sized tests."""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -55,6 +57,36 @@ def assert_close(
         rtol=rtol,
         msg=(lambda m: f"{msg}\n{m}") if msg else None,
     )
+
+
+def assert_close_normalised(actual, expected, dtype, msg=""):
+    """Compare relative to the largest reference magnitude: sums over many rows grow, and
+    their rounding error grows with them. fp32 on CUDA runs tf32 tensor cores (10-bit
+    mantissa), and the MLP chains two GEMMs: three times the per-dtype tolerance there."""
+    norm = max(1.0, float(expected.detach().abs().max()))
+    scale = 3.0 if dtype == torch.float32 and actual.is_cuda else 1.0
+    assert_close(
+        actual.detach().double() / norm, expected.detach() / norm, dtype, scale=scale, msg=msg
+    )
+
+
+class _Forbidden:
+    """Stands in for an op's way into its kernels (a function or an autograd Function)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError(f"{self.name} ran: the call took the Triton path")
+
+    apply = __call__
+
+
+def forbid_triton_path(monkeypatch, module: str, entry: str) -> None:
+    """Make `clasp.kernels.<module>.<entry>`, the op's way into its kernels, fail when called
+    (or applied), so a test can tell that a call ran the eager reference."""
+    name = f"clasp.kernels.{module}.{entry}"
+    monkeypatch.setattr(importlib.import_module(f"clasp.kernels.{module}"), entry, _Forbidden(name))
 
 
 def assert_all_written(*tensors: torch.Tensor) -> None:

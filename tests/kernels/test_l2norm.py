@@ -1,6 +1,6 @@
 import pytest
 import torch
-from clasp.kernels import l2_normalize, reference
+from clasp.kernels import BACKENDS, l2_normalize, reference
 
 from tests.utils import DTYPE_IDS, as_reference_input, assert_close, randn, run_poisoned
 
@@ -51,6 +51,30 @@ def test_l2_normalize_zero_rows_are_clamped_like_reference(device):
 def test_l2_normalize_gradcheck_fp64(device):
     x = torch.randn(5, 9, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: l2_normalize(t, backend="triton"), (x,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_l2_normalize_takes_fp64_on_every_backend(backend, device):
+    # Unlike the other kernels, these take fp64 (fp64 accumulation): "triton" runs them.
+    x = randn(7, 33, dtype=torch.float64, device=device, requires_grad=True)
+    x_ref = as_reference_input(x)
+    y = run_poisoned(l2_normalize, x, backend=backend)
+    y_ref = reference.l2_normalize(x_ref)
+    assert y.dtype == torch.float64
+    assert_close(y, y_ref)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    (dx_ref,) = torch.autograd.grad(y_ref, x_ref, dy)
+    assert_close(dx, dx_ref)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_l2_normalize_keeps_its_dtype_under_autocast(backend, device):
+    x = randn(4, 40, dtype=torch.bfloat16, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = l2_normalize(x, backend=backend)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, reference.l2_normalize(x.double()), torch.bfloat16)
 
 
 def test_l2_normalize_cpu_auto_uses_reference_without_interpreter(monkeypatch):

@@ -2,27 +2,30 @@ import pytest
 import torch
 from clasp.kernels import Routing, moe_mlp, reference
 
-from tests.kernels.test_grouped_gemm import assert_close_normalised
-from tests.utils import DTYPE_IDS, as_reference_input, randn, run_poisoned
+from tests.utils import (
+    DTYPE_IDS,
+    as_reference_input,
+    assert_close_normalised,
+    forbid_triton_path,
+    randn,
+    run_poisoned,
+)
 
-FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
+FP32, BF16, FP16, FP64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 NAMES = ("x", "weights", "w1", "w2", "b1", "b2")
 
 
 def routing_from_choices(expert_idx: torch.Tensor, weights: torch.Tensor, E: int) -> Routing:
     """A Routing for hand-picked expert choices (T, k), laid out as `route` lays it out."""
-    flat = expert_idx.reshape(-1).long()
-    counts = torch.bincount(flat, minlength=E)
-    offsets = torch.zeros(E + 1, dtype=torch.int64, device=flat.device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    counts, offsets, sorted_slots = reference.routing_metadata(expert_idx, E)
     return Routing(
         expert_idx=expert_idx.to(torch.int32),
         weights=weights.float(),
         counts=counts.to(torch.int32),
         offsets=offsets.to(torch.int32),
-        sorted_slots=torch.sort(flat, stable=True).indices.to(torch.int32),
-        probs_mean=torch.full((E,), 1.0 / E, device=flat.device),
-        z_loss=torch.zeros((), device=flat.device),
+        sorted_slots=sorted_slots.to(torch.int32),
+        probs_mean=torch.full((E,), 1.0 / E, device=expert_idx.device),
+        z_loss=torch.zeros((), device=expert_idx.device),
     )
 
 
@@ -134,12 +137,13 @@ def test_moe_mlp_is_deterministic(device):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
-def test_moe_mlp_under_autocast_runs_in_autocast_dtype(device):
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_moe_mlp_under_autocast_runs_in_autocast_dtype(backend, device):
     T, E, k = 16, 3, 2
     routing = random_routing(T, E, k, device)
     x, _, w1, w2, b1, b2 = make_inputs(T, 48, 64, E, routing, FP32, device)
     with torch.autocast(device.type, dtype=BF16):
-        y = moe_mlp(x, routing, w1, w2, b1, b2, backend="triton")
+        y = moe_mlp(x, routing, w1, w2, b1, b2, backend=backend)
     assert y.dtype == BF16
     cast = [t.detach().to(BF16).double() for t in (x, w1, w2, b1, b2)]
     y_ref = reference.moe_mlp(cast[0], routing, *cast[1:])
@@ -164,6 +168,37 @@ def test_moe_mlp_under_torch_compile_matches_eager(device):
         results.append([y, *torch.autograd.grad(y.square().sum(), (x, w1, w2))])
     for name, a, b in zip(("y", "x", "w1", "w2"), *results, strict=True):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_moe_mlp_fp64_runs_the_reference(backend, monkeypatch, device):
+    forbid_triton_path(monkeypatch, "moe_mlp", "MoEMLP")
+    T, E, k = 12, 3, 2
+    x = randn(1, T, 16, dtype=FP64, device=device)
+    routing = reference.route(x, randn(16, E, dtype=FP64, device=device), x.new_zeros(1, E), k)
+    assert routing.weights.dtype == FP64
+    inputs = make_inputs(T, 16, 24, E, routing, FP64, device)
+    x, weights, w1, w2, b1, b2 = inputs
+    y = moe_mlp(x, routing._replace(weights=weights), w1, w2, b1, b2, "silu", backend=backend)
+    ref = [as_reference_input(t) for t in inputs]
+    y_ref = reference.moe_mlp(ref[0], routing._replace(weights=ref[1]), *ref[2:], "silu")
+    assert y.dtype == FP64 and torch.equal(y, y_ref)
+    dy = torch.randn_like(y)
+    for name, g, g_ref in zip(
+        NAMES, torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_ref, ref, dy), strict=True
+    ):
+        assert torch.equal(g, g_ref), f"d{name}"
+
+
+def test_moe_mlp_triton_rejects_fp64():
+    routing = random_routing(6, 3, 2, "cpu")
+    x, w1, w2 = (torch.randn(*s, dtype=FP64) for s in ((6, 8), (3, 8, 12), (3, 12, 8)))
+    with pytest.raises(
+        TypeError,
+        match=r"moe_mlp with backend='triton' takes float32, bfloat16 or float16 inputs, got "
+        r"x float64, w1 float64, w2 float64: .*backend='reference'",
+    ):
+        moe_mlp(x, routing, w1, w2, backend="triton")
 
 
 def test_moe_mlp_cpu_auto_uses_reference_without_interpreter(monkeypatch):

@@ -2,7 +2,14 @@ import pytest
 import torch
 from clasp.kernels import patch_text_labels, reference
 
-from tests.utils import DTYPE_IDS, assert_close, randn, run_poisoned, tolerance
+from tests.utils import (
+    DTYPE_IDS,
+    assert_close,
+    forbid_triton_path,
+    randn,
+    run_poisoned,
+    tolerance,
+)
 
 DTYPES = [pytest.param(d, id=DTYPE_IDS[d]) for d in (torch.float32, torch.bfloat16, torch.float16)]
 # (B, N, D, C)
@@ -127,6 +134,44 @@ def test_patch_text_labels_under_torch_compile_matches_eager(device):
     torch.testing.assert_close(got.probs, expected.probs)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_patch_text_labels_fp64_runs_the_reference(backend, monkeypatch, device):
+    forbid_triton_path(monkeypatch, "patch_text", "_patch_text_labels_op")
+    patches = randn(2, 9, 24, dtype=torch.float64, device=device)
+    text = randn(5, 24, dtype=torch.float64, device=device)
+    out = patch_text_labels(patches, text, 0.05, threshold=0.3, return_probs=True, backend=backend)
+    ref = reference.patch_text_labels(patches, text, 0.05, threshold=0.3, return_probs=True)
+    for name, a, b in zip(ref._fields, out, ref, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    "patches_dtype,text_dtype,got",
+    [
+        pytest.param(torch.float64, torch.float32, "patches float64", id="patches-fp64"),
+        pytest.param(torch.bfloat16, torch.float64, "text float64", id="text-fp64"),
+    ],
+)
+def test_patch_text_labels_triton_rejects_fp64(patches_dtype, text_dtype, got):
+    patches, text = torch.randn(1, 2, 4).to(patches_dtype), torch.randn(3, 4).to(text_dtype)
+    with pytest.raises(
+        TypeError,
+        match=rf"patch_text_labels with backend='triton' takes float32, bfloat16 or float16 "
+        rf"inputs, got {got}: .*backend='reference'",
+    ):
+        patch_text_labels(patches, text, 0.1, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_patch_text_labels_ignore_autocast(backend, device):
+    patches = randn(2, 12, 48, device=device)
+    text = randn(4, 48, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = patch_text_labels(patches, text, 0.05, return_probs=True, backend=backend)
+    # Cosines from a bf16 matmul would miss the fp32 tolerance by orders of magnitude.
+    assert_close(out.probs, _ref_probs(patches, text, 0.05), torch.float32)
+
+
 def test_patch_text_labels_cpu_auto_uses_reference_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     patches, text = torch.randn(2, 5, 16), torch.randn(3, 16)
@@ -161,7 +206,7 @@ def test_patch_text_labels_rejects_bad_dtype_and_devices():
     with pytest.raises(TypeError, match="patches must be one of"):
         patch_text_labels(torch.ones(1, 2, 4, dtype=torch.int64), torch.randn(3, 4), 0.1)
     with pytest.raises(TypeError, match="text must be one of"):
-        patch_text_labels(torch.randn(1, 2, 4), torch.randn(3, 4, dtype=torch.float64), 0.1)
+        patch_text_labels(torch.randn(1, 2, 4), torch.ones(3, 4, dtype=torch.int32), 0.1)
     with pytest.raises(TypeError, match="Python float"):
         patch_text_labels(torch.randn(1, 2, 4), torch.randn(3, 4), torch.tensor(0.1))
     with pytest.raises(ValueError, match="one device"):

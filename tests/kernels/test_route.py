@@ -4,9 +4,9 @@ import pytest
 import torch
 from clasp.kernels import reference, route
 
-from tests.utils import as_reference_input, assert_close, randn, run_poisoned
+from tests.utils import as_reference_input, assert_close, forbid_triton_path, randn, run_poisoned
 
-FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
+FP32, BF16, FP16, FP64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
 # (B, N, d, E, top_k, x dtype, normalize, strided x). Token counts are not multiples of the
 # 64-token block; E covers 1, non-powers of 2 and the 128 maximum.
@@ -65,15 +65,12 @@ def assert_choice_matches(expert_idx, ref, ref_probs, tie_tol):
 
 def assert_grouping(routing, E):
     """counts, offsets and sorted_slots are exactly a stable counting sort of expert_idx."""
-    flat = routing.expert_idx.reshape(-1).long().cpu()
-    counts = torch.bincount(flat, minlength=E)
+    counts, offsets, sorted_slots = reference.routing_metadata(routing.expert_idx.cpu(), E)
     assert torch.equal(routing.counts.cpu(), counts.int())
-    assert torch.equal(
-        routing.offsets.cpu(), torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()
-    )
+    assert torch.equal(routing.offsets.cpu(), offsets.int())
     slots = routing.sorted_slots.long().cpu()
-    assert torch.equal(torch.sort(slots).values, torch.arange(flat.numel())), "not a permutation"
-    assert torch.equal(slots, torch.sort(flat, stable=True).indices)
+    assert torch.equal(torch.sort(slots).values, torch.arange(counts.sum())), "not a permutation"
+    assert torch.equal(slots, sorted_slots)
 
 
 def check_route(x, w, bias, top_k, normalize, device):
@@ -243,6 +240,41 @@ def test_route_no_tokens_returns_empty_routing(device):
     assert torch.equal(routing.counts.cpu(), torch.zeros(4, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_route_fp64_runs_the_reference(backend, monkeypatch, device):
+    forbid_triton_path(monkeypatch, "route", "_RouteFunction")
+    x, w, bias = make_inputs(2, 9, 16, 6, FP64, device)
+    routing = route(x, w, bias, 2, backend=backend)
+    ref_inputs = [as_reference_input(t) for t in (x, w, bias)]
+    ref = reference.route(*ref_inputs, 2)
+    for name, a, b in zip(ref._fields, routing, ref, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert routing.weights.dtype == routing.probs_mean.dtype == routing.z_loss.dtype == FP64
+    loss = routing.weights.square().sum() + routing.probs_mean.sum() + routing.z_loss
+    ref_loss = ref.weights.square().sum() + ref.probs_mean.sum() + ref.z_loss
+    for g, g_ref in zip(
+        torch.autograd.grad(loss, (x, w, bias)),
+        torch.autograd.grad(ref_loss, ref_inputs),
+        strict=True,
+    ):
+        assert torch.equal(g, g_ref)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_route_ignores_autocast(backend, device):
+    x, w, bias = make_inputs(2, 30, 32, 8, FP32, device)
+    with torch.autocast(device.type, dtype=BF16):
+        routing = route(x, w, bias, 2, backend=backend)
+    # Logits from a bf16 matmul would miss the fp32 tolerance by orders of magnitude.
+    ref_inputs = [as_reference_input(t) for t in (x, w, bias)]
+    ref = reference.route(*ref_inputs, 2)
+    ref_probs = torch.softmax(reference.router_logits(*ref_inputs), dim=-1)
+    assert_choice_matches(routing.expert_idx, ref, ref_probs, 1e-4 if x.is_cuda else 1e-5)
+    ref_weights = reference_with_choice(*ref_inputs, routing.expert_idx, True)[0]
+    assert routing.weights.dtype == FP32
+    assert_close(routing.weights, ref_weights, FP32, scale=4)
+
+
 def test_route_cpu_auto_uses_reference_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, w, bias = torch.randn(2, 5, 8), torch.randn(8, 4), torch.randn(2, 4)
@@ -272,7 +304,14 @@ def test_route_cpu_auto_uses_reference_without_interpreter(monkeypatch):
         pytest.param(
             dict(bias_rows=3), ValueError, "prompt_bias must be \\(B, E\\)", id="bias-wrong-B"
         ),
-        pytest.param(dict(x_dtype=torch.float64), TypeError, "x must be one of", id="x-fp64"),
+        pytest.param(
+            dict(x_dtype=FP64, backend="triton"),
+            TypeError,
+            r"route with backend='triton' takes float32, bfloat16 or float16 inputs, got "
+            r"x float64: .*backend='reference'",
+            id="x-fp64-triton",
+        ),
+        pytest.param(dict(x_dtype=torch.int32), TypeError, "x must be one of", id="x-int"),
         pytest.param(dict(w_dtype=torch.int32), TypeError, "w_gate must be one of", id="w-int"),
         pytest.param(dict(x_ndim=2), ValueError, "x must have 3 dimensions", id="x-2d"),
         pytest.param(dict(bias_device="meta"), ValueError, "one device", id="bias-other-device"),
@@ -280,10 +319,10 @@ def test_route_cpu_auto_uses_reference_without_interpreter(monkeypatch):
 )
 def test_route_rejects_bad_input(change, error, match):
     E = change.get("E", 4)
-    x = torch.randn(2, 3, 8, dtype=change.get("x_dtype", FP32))
+    x = torch.randn(2, 3, 8).to(change.get("x_dtype", FP32))
     if change.get("x_ndim") == 2:
         x = x[0]
     w = torch.randn(change.get("w_rows", 8), E).to(change.get("w_dtype", FP32))
     bias = torch.randn(change.get("bias_rows", 2), E, device=change.get("bias_device", "cpu"))
     with pytest.raises(error, match=match):
-        route(x, w, bias, change.get("top_k", 2))
+        route(x, w, bias, change.get("top_k", 2), backend=change.get("backend", "auto"))

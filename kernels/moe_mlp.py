@@ -1,4 +1,5 @@
-"""Mixture-of-experts MLP and grouped matmul: autograd Functions over the grouped GEMMs.
+"""Mixture-of-experts MLP over routed tokens: its launchers, custom ops, autograd Function and
+public op, built on the grouped GEMMs of `grouped_matmul.py`.
 
     y[t] = sum_j weights[t, j] * (act(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e]),  e = expert_idx[t, j]
 
@@ -17,19 +18,21 @@ import torch
 import triton
 
 from . import reference
-from .grouped_gemm import (
-    launch_act_bwd,
-    launch_grouped_mm,
-    launch_grouped_wgrad,
-    launch_segment_sum,
-    launch_sum_slots,
+from .grouped_matmul import _grid_rows, launch_grouped_mm, launch_grouped_wgrad
+from .grouped_matmul_kernels import ACTIVATION_CODES, MIN_BLOCK_N, dot_dtype, dot_precision
+from .moe_mlp_kernels import _grouped_mm_act_bwd_kernel, _sum_slots_kernel
+from .reference import ACTIVATIONS
+from .types import Routing
+from .utils import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    autocast_inputs,
+    check_same_device,
+    check_tensor,
+    interpreter_active,
+    new_output,
+    use_triton,
 )
-from .grouped_gemm_kernels import MIN_BLOCK_N
-from .reference import ACTIVATIONS, Routing
-from .utils import check_same_device, check_tensor, new_output, use_triton
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -37,107 +40,80 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
-# --- grouped_matmul ---------------------------------------------------------------------------
-
-
-@torch.library.custom_op("clasp::grouped_matmul_fwd", mutates_args=())
-def _grouped_matmul_fwd(
-    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None
-) -> torch.Tensor:
-    num_rows = x.shape[0] if gather_idx is None else gather_idx.shape[0]
-    out = new_output((num_rows, w.shape[2]), x.dtype, x.device)
-    launch_grouped_mm(x, w, out, offsets, num_rows, slots=gather_idx, gather=gather_idx is not None)
-    return out
-
-
-@_grouped_matmul_fwd.register_fake
-def _(x, w, offsets, gather_idx):
-    num_rows = x.shape[0] if gather_idx is None else gather_idx.shape[0]
-    return x.new_empty(num_rows, w.shape[2])
-
-
-@torch.library.custom_op("clasp::grouped_matmul_bwd", mutates_args=())
-def _grouped_matmul_bwd(
-    dout: torch.Tensor,
-    x: torch.Tensor,
-    w: torch.Tensor,
+def launch_act_bwd(
+    dy: torch.Tensor,
+    w2: torch.Tensor,
+    pre: torch.Tensor,
+    dpre: torch.Tensor,
+    gated_h: torch.Tensor,
     offsets: torch.Tensor,
-    gather_idx: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    num_rows = dout.shape[0]
-    dx = new_output(x.shape, x.dtype, x.device)
-    drows = dx if gather_idx is None else x.new_empty(num_rows, x.shape[1])
-    launch_grouped_mm(dout, w.transpose(1, 2), drows, offsets, num_rows)
-    if gather_idx is not None:
-        launch_segment_sum(drows, gather_idx, dx)
-    dw = new_output(w.shape, w.dtype, w.device)
-    launch_grouped_wgrad(x, dout, dw, offsets, slots=gather_idx, gather_a=gather_idx is not None)
-    return dx, dw
+    slots: torch.Tensor,
+    gates: torch.Tensor,
+    b2: torch.Tensor | None,
+    dgate_parts: torch.Tensor,
+    top_k: int,
+    activation: str,
+) -> None:
+    """Fills dpre, gated_h (both (M, f), sorted order) and dgate_parts (T*k, >= f / BLOCK_N tiles,
+    zero-initialised, slot order); w2 is (E, f, d)."""
+    M, f = pre.shape
+    E, _, d = w2.shape
+    w2_t = w2.transpose(1, 2)
+    if b2 is not None:
+        b2 = b2.contiguous()
+    _grouped_mm_act_bwd_kernel[_grid_rows(M, E, f)](
+        dy,
+        w2_t,
+        pre,
+        dpre,
+        gated_h,
+        offsets,
+        slots,
+        gates,
+        b2 if b2 is not None else dpre,
+        dgate_parts,
+        M,
+        f,
+        d,
+        E,
+        top_k,
+        dy.stride(0),
+        dy.stride(1),
+        w2_t.stride(0),
+        w2_t.stride(1),
+        w2_t.stride(2),
+        pre.stride(0),
+        b2.stride(0) if b2 is not None else 0,
+        dgate_parts.stride(0),
+        HAS_BIAS=b2 is not None,
+        ACTIVATION=ACTIVATION_CODES[activation],
+        DOT_DTYPE=dot_dtype(dy.dtype),
+        DOT_PRECISION=dot_precision(),
+        E_POW2=triton.next_power_of_2(E + 1),
+    )
 
 
-@_grouped_matmul_bwd.register_fake
-def _(dout, x, w, offsets, gather_idx):
-    return torch.empty_like(x), torch.empty_like(w)
-
-
-class GroupedMatmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, offsets, gather_idx):
-        ctx.save_for_backward(x, w, offsets, gather_idx)
-        return _grouped_matmul_fwd(x, w, offsets, gather_idx)
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, w, offsets, gather_idx = ctx.saved_tensors
-        dx, dw = _grouped_matmul_bwd(dout, x, w, offsets, gather_idx)
-        return dx, dw, None, None
-
-
-def grouped_matmul(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    offsets: torch.Tensor,
-    gather_idx: torch.Tensor | None = None,
-    *,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Per-expert matmul of contiguous row segments: out[r] = rows[r] @ w[e] for
-    offsets[e] <= r < offsets[e+1], where rows = x, or x[gather_idx] gathered inside the GEMM.
-
-    Args:
-        x: (T, d) fp32, bf16 or fp16; any strides.
-        w: (E, d, f), x's dtype.
-        offsets: (E+1,) int32/int64, non-decreasing from 0; rows at or past offsets[E] are 0.
-        gather_idx: optional (M,) int32/int64 row indices into x.
-        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1), "triton" or "reference".
-    Returns:
-        (M, f) of x's dtype, M = T or len(gather_idx). Differentiable in x and w; the
-        gradient of repeated gather rows is summed in a fixed order. fp32 inputs run on tf32
-        tensor cores on CUDA unless `torch.set_float32_matmul_precision("highest")`.
-    """
-    check_tensor("x", x, 2, FLOAT_DTYPES)
-    check_tensor("w", w, 3, FLOAT_DTYPES)
-    check_tensor("offsets", offsets, 1, INDEX_DTYPES)
-    if gather_idx is not None:
-        check_tensor("gather_idx", gather_idx, 1, INDEX_DTYPES)
-    check_same_device(x=x, w=w, offsets=offsets, gather_idx=gather_idx)
-    if w.dtype != x.dtype:
-        raise TypeError(f"w must have x's dtype {x.dtype}, got {w.dtype}; cast one of them")
-    if w.shape[1] != x.shape[1]:
-        raise ValueError(f"w must be (E, d={x.shape[1]}, f), got shape {tuple(w.shape)}")
-    if offsets.shape[0] != w.shape[0] + 1:
-        raise ValueError(
-            f"offsets must have E+1 = {w.shape[0] + 1} entries for w of shape "
-            f"{tuple(w.shape)}, got {offsets.shape[0]}"
-        )
-    if not use_triton(backend, x, w) or 0 in (x.shape[0], w.shape[0], w.shape[2]):
-        return reference.grouped_matmul(x, w, offsets, gather_idx)
-    offsets = offsets.to(torch.int32)
-    gather_idx = None if gather_idx is None else gather_idx.to(torch.int32)
-    return GroupedMatmul.apply(x, w, offsets, gather_idx)
-
-
-# --- moe_mlp ----------------------------------------------------------------------------------
+def launch_sum_slots(
+    src: torch.Tensor, out: torch.Tensor, top_k: int, gates: torch.Tensor | None = None
+) -> None:
+    """out[t] = sum_j gates[t*k+j] * src[t*k+j] (gates optional); src (T*k, N), out (T, N)."""
+    T, N = out.shape
+    block_n = min(triton.next_power_of_2(N), 128 if interpreter_active() else 512)
+    block_t = max(1, 4096 // block_n)
+    grid = (triton.cdiv(T, block_t), triton.cdiv(N, block_n))
+    _sum_slots_kernel[grid](
+        src,
+        gates if gates is not None else src,
+        out,
+        T,
+        N,
+        top_k,
+        src.stride(0),
+        out.stride(0),
+        GATE=gates is not None,
+        BLOCK_T=block_t,
+        BLOCK_N=block_n,
+    )
 
 
 @torch.library.custom_op("clasp::moe_mlp_fwd", mutates_args=())
@@ -360,25 +336,23 @@ def moe_mlp(
     y[t] = sum_j weights[t, j] * (act(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e]), e = expert_idx[t, j].
 
     Args:
-        x: (T, d) fp32, bf16 or fp16; any strides.
+        x: (T, d) fp32, bf16 or fp16 (fp64 runs the reference); any strides.
         routing: the `Routing` of x's T tokens (from `route`): expert_idx (T, k), weights
             (T, k), offsets (E+1,), sorted_slots (T*k,).
         w1: (E, d, f); w2: (E, f, d); b1: (E, f) or None; b2: (E, d) or None.
         activation: "gelu" (exact), "gelu_tanh" or "silu".
-        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1), "triton" or "reference".
+        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1; the reference for
+            fp64), "triton" or "reference".
     Returns:
         (T, d) of x's dtype (the autocast dtype under autocast, which casts x, weights and
-        biases). Differentiable in x, routing.weights, w1, w2, b1 and b2; backward is
-        deterministic. Saved for backward: x, weights, routing and the (T*k, f)
-        pre-activation; the activation itself is recomputed. fp32 inputs run on tf32
-        tensor cores on CUDA unless `torch.set_float32_matmul_precision("highest")`.
+        biases, on either backend). Differentiable in x, routing.weights, w1, w2, b1 and b2;
+        backward is deterministic. Saved for backward: x, weights, routing and the (T*k, f)
+        pre-activation; the activation itself is recomputed. The kernels read the gate
+        weights in fp32. fp32 inputs run on tf32 tensor cores on CUDA unless
+        `torch.set_float32_matmul_precision("highest")`.
     """
     _check_moe_inputs(x, routing, w1, w2, b1, b2, activation)
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
-        b1 = b1.to(dtype) if b1 is not None else None
-        b2 = b2.to(dtype) if b2 is not None else None
+    x, w1, w2, b1, b2 = autocast_inputs(x.device.type, x, w1, w2, b1, b2)
     params = [t for t in (w1, w2, b1, b2) if t is not None]
     if any(t.dtype != x.dtype for t in params):
         raise TypeError(
@@ -386,7 +360,8 @@ def moe_mlp(
             f"{[t.dtype for t in params]}; cast them or run under torch.autocast"
         )
     T, k = routing.expert_idx.shape
-    if not use_triton(backend, x, w1, w2) or 0 in (T, k, w1.shape[0], w1.shape[2]):
+    triton_path = use_triton("moe_mlp", backend, x=x, w1=w1, w2=w2, b1=b1, b2=b2)
+    if not triton_path or 0 in (T, k, w1.shape[0], w1.shape[2]):
         with torch.autocast(x.device.type, enabled=False):
             return reference.moe_mlp(x, routing, w1, w2, b1, b2, activation)
     gates = routing.weights.float()

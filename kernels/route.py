@@ -12,61 +12,39 @@ dx = d(logits) @ w_gate^T, dw_gate = x^T @ d(logits) and d(prompt_bias) = sum ov
 The fp32 logits are kept for the backward when a gradient is needed: at E experts they cost
 4 E bytes per token against the d * itemsize bytes of x that the backward would otherwise
 read again to recompute them (1/6 of it at E = 64, d = 768, bf16).
+
+Just over 400 lines: two custom ops (forward, backward) and their Function, with the block
+configurations and jit bodies already in `route_kernels.py`.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 
 from . import reference
-from .reference import Routing
-from .routing_kernels import (
+from .route_kernels import (
     _route_bwd_dw_kernel,
     _route_bwd_logits_kernel,
     _route_fwd_kernel,
     _route_sort_kernel,
+    bwd_config,
+    expert_block,
+    fwd_config,
 )
-from .utils import check_same_device, check_tensor, interpreter_active, new_output, use_triton
+from .types import Routing
+from .utils import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    interpreter_active,
+    new_output,
+    sm_count,
+    use_triton,
+)
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_EXPERTS = 128
 MAX_TOP_K = 8
-# tl.dot needs every block dimension >= 16: fewer experts are padded and masked.
-MIN_BLOCK_E = 16
-
-
-def _block_e(E: int) -> int:
-    return max(MIN_BLOCK_E, triton.next_power_of_2(E))
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _sms(device: torch.device) -> int:
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _interpreter_block_d(D: int) -> int:
-    # The interpreter pays per program and per loop step: one step over small d.
-    return min(256, max(16, triton.next_power_of_2(D)))
-
-
-def _fwd_config(T: int, D: int, E: int, dtype: torch.dtype, device: torch.device) -> dict:
-    if interpreter_active():
-        return dict(BLOCK_T=64, BLOCK_D=_interpreter_block_d(D), num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        # The full-precision fp32 dot runs on CUDA cores: compute-bound, small tiles.
-        return dict(BLOCK_T=64, BLOCK_D=32, num_warps=4, num_stages=3)
-    block_e = _block_e(E)
-    # Bigger token blocks reuse each w_gate tile more; keep at least one block per SM.
-    block_t = 128 if block_e <= 64 and triton.cdiv(T, 128) >= _sms(device) else 64
-    warps = 8 if block_t * block_e >= 8192 else 4
-    return dict(BLOCK_T=block_t, BLOCK_D=64, num_warps=warps, num_stages=4)
 
 
 def _gate_operand(
@@ -118,8 +96,8 @@ def _route_fwd(
     z_loss = new_output((), torch.float32, device)
     logits = new_output((T if store_logits else 0, E), torch.float32, device)
 
-    config = _fwd_config(T, D, E, x.dtype, device)
-    block_t, block_e = config["BLOCK_T"], _block_e(E)
+    config = fwd_config(T, D, E, x.dtype, device)
+    block_t, block_e = config["BLOCK_T"], expert_block(E)
     n_blocks = triton.cdiv(T, block_t)
     block_counts = new_output((n_blocks, block_e), torch.int32, device)
     block_probs = new_output((n_blocks, block_e), torch.float32, device)
@@ -157,7 +135,7 @@ def _route_fwd(
         # Two blocks per program: small tests still place slots after earlier programs' ones.
         blocks_per_program = 2
     else:
-        blocks_per_program = triton.cdiv(n_blocks, _sms(device))
+        blocks_per_program = triton.cdiv(n_blocks, sm_count(device))
     n_programs = triton.cdiv(n_blocks, blocks_per_program) + 1
     _route_sort_kernel[(n_programs,)](
         expert_idx,
@@ -203,13 +181,6 @@ def _(x, w_gate, prompt_bias, top_k, normalize, store_logits):
     )
 
 
-def _bwd_config(D: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_D) of both backward kernels."""
-    if interpreter_active():
-        return 64, _interpreter_block_d(D)
-    return 64, (32 if dtype == torch.float32 else 128)
-
-
 @torch.library.custom_op("clasp::route_bwd", mutates_args=())
 def _route_bwd(
     dweights: torch.Tensor | None,
@@ -228,8 +199,8 @@ def _route_bwd(
     T, top_k = expert_idx.shape
     E = w_gate.shape[1]
     device = x.device
-    block_t, block_d = _bwd_config(D, x.dtype)
-    block_e = _block_e(E)
+    block_t, block_d = bwd_config(D, x.dtype)
+    block_e = expert_block(E)
     n_blocks = triton.cdiv(T, block_t)
     warps = 8 if block_t * block_e >= 8192 else 4
     dlogits = new_output((T, E), torch.float32, device)
@@ -271,7 +242,7 @@ def _route_bwd(
             splits = min(n_blocks, 2)
         else:
             # About one program per SM: each split adds a (D, E) fp32 partial to write and sum.
-            splits = max(1, min(n_blocks, _sms(device) // max(d_blocks, 1)))
+            splits = max(1, min(n_blocks, sm_count(device) // max(d_blocks, 1)))
         blocks_per_split = triton.cdiv(n_blocks, splits)
         splits = triton.cdiv(n_blocks, blocks_per_split)
         partial = new_output((splits, D, E), torch.float32, device)
@@ -367,9 +338,9 @@ class _RouteFunction(torch.autograd.Function):
 
 
 def _check_inputs(x, w_gate, prompt_bias, top_k) -> None:
-    check_tensor("x", x, 3, DTYPES)
-    check_tensor("w_gate", w_gate, 2, DTYPES)
-    check_tensor("prompt_bias", prompt_bias, 2, DTYPES)
+    check_tensor("x", x, 3, FLOAT_DTYPES)
+    check_tensor("w_gate", w_gate, 2, FLOAT_DTYPES)
+    check_tensor("prompt_bias", prompt_bias, 2, FLOAT_DTYPES)
     check_same_device(x=x, w_gate=w_gate, prompt_bias=prompt_bias)
     B, N, d = x.shape
     d_gate, E = w_gate.shape
@@ -410,23 +381,28 @@ def route(
     as gate weights, renormalised to sum to 1 when `normalize`.
 
     Args:
-        x: (B, N, d) tokens, fp32, bf16 or fp16; any strides.
-        w_gate: (d, E) gate weights, 1 <= E <= 128; any of the three dtypes and strides.
+        x: (B, N, d) tokens, fp32, bf16 or fp16 (fp64 runs the reference); any strides.
+        w_gate: (d, E) gate weights, 1 <= E <= 128; any of these dtypes and strides.
         prompt_bias: (B, E) the task prompt's contribution to each sample's logits.
         top_k: experts per token, 1 <= top_k <= min(E, 8).
         normalize: renormalise the top_k probabilities of each token to sum to 1.
-        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1), "triton" or "reference".
+        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1; the reference for
+            fp64), "triton" or "reference".
     Returns:
         Routing with expert_idx (T, top_k) int32 (by descending probability), weights
         (T, top_k) fp32, counts (E,) int32, offsets (E + 1,) int32, sorted_slots (T * top_k,)
         int32 (slot t * top_k + j grouped by expert, ascending within one), probs_mean (E,)
-        fp32 and z_loss () fp32 (mean of logsumexp(logits)^2). weights, probs_mean and z_loss
-        are differentiable with respect to x, w_gate and prompt_bias.
+        fp32 and z_loss () fp32 (mean of logsumexp(logits)^2); the float ones are fp64 for
+        fp64 inputs. weights, probs_mean and z_loss are differentiable with respect to x,
+        w_gate and prompt_bias. Autocast does not apply: both backends compute from the
+        inputs as given.
     """
     _check_inputs(x, w_gate, prompt_bias, top_k)
     B, N, _ = x.shape
-    if not use_triton(backend, x, w_gate, prompt_bias) or B * N == 0:
-        return reference.route(x, w_gate, prompt_bias, top_k, normalize=normalize)
+    triton_path = use_triton("route", backend, x=x, w_gate=w_gate, prompt_bias=prompt_bias)
+    if not triton_path or B * N == 0:
+        with torch.autocast(x.device.type, enabled=False):
+            return reference.route(x, w_gate, prompt_bias, top_k, normalize=normalize)
     # The backward reads the saved fp32 logits; inference skips writing them.
     store_logits = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, w_gate, prompt_bias)

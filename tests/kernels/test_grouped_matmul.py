@@ -2,8 +2,16 @@ import pytest
 import torch
 from clasp.kernels import grouped_matmul, reference
 
-from tests.utils import DTYPE_IDS, as_reference_input, assert_close, randn, run_poisoned
+from tests.utils import (
+    DTYPE_IDS,
+    as_reference_input,
+    assert_close_normalised,
+    forbid_triton_path,
+    randn,
+    run_poisoned,
+)
 
+FP64, BF16 = torch.float64, torch.bfloat16
 DTYPES = [pytest.param(d, id=DTYPE_IDS[d]) for d in (torch.float32, torch.bfloat16, torch.float16)]
 
 
@@ -11,17 +19,6 @@ def segment_offsets(counts: list[int], device) -> torch.Tensor:
     offsets = torch.zeros(len(counts) + 1, dtype=torch.int32)
     offsets[1:] = torch.cumsum(torch.tensor(counts), 0)
     return offsets.to(device)
-
-
-def assert_close_normalised(actual, expected, dtype, msg=""):
-    """Compare relative to the largest reference magnitude: sums over many rows grow, and
-    their rounding error grows with them. fp32 on CUDA runs tf32 tensor cores (10-bit
-    mantissa), and the MLP chains two GEMMs: three times the per-dtype tolerance there."""
-    norm = max(1.0, float(expected.detach().abs().max()))
-    scale = 3.0 if dtype == torch.float32 and actual.is_cuda else 1.0
-    assert_close(
-        actual.detach().double() / norm, expected.detach() / norm, dtype, scale=scale, msg=msg
-    )
 
 
 # (rows T, d, f, counts per expert, gather rows M or None)
@@ -72,6 +69,50 @@ def test_grouped_matmul_gradient_of_repeated_rows_is_deterministic(device):
     first = torch.autograd.grad(out, x, dout, retain_graph=True)[0]
     second = torch.autograd.grad(out, x, dout)[0]
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_grouped_matmul_fp64_runs_the_reference(backend, monkeypatch, device):
+    forbid_triton_path(monkeypatch, "grouped_matmul", "GroupedMatmul")
+    x = randn(10, 16, dtype=FP64, device=device, requires_grad=True, non_contiguous=True)
+    w = randn(3, 16, 8, dtype=FP64, device=device, requires_grad=True)
+    offsets = segment_offsets([4, 0, 9], device)
+    gather_idx = torch.randint(0, 10, (13,), device=device)
+    out = grouped_matmul(x, w, offsets, gather_idx, backend=backend)
+    x_ref, w_ref = as_reference_input(x), as_reference_input(w)
+    expected = reference.grouped_matmul(x_ref, w_ref, offsets, gather_idx)
+    assert out.dtype == FP64 and torch.equal(out, expected)
+    dout = torch.randn_like(out)
+    for g, g_ref in zip(
+        torch.autograd.grad(out, (x, w), dout),
+        torch.autograd.grad(expected, (x_ref, w_ref), dout),
+        strict=True,
+    ):
+        assert torch.equal(g, g_ref)
+
+
+def test_grouped_matmul_triton_rejects_fp64():
+    x, w = torch.randn(5, 8, dtype=FP64), torch.randn(2, 8, 3, dtype=FP64)
+    with pytest.raises(
+        TypeError,
+        match=r"grouped_matmul with backend='triton' takes float32, bfloat16 or float16 "
+        r"inputs, got x float64, w float64: .*backend='reference'",
+    ):
+        grouped_matmul(x, w, torch.tensor([0, 2, 5]), backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_grouped_matmul_under_autocast_runs_in_autocast_dtype(backend, device):
+    x = randn(20, 32, device=device, requires_grad=True)
+    w = randn(2, 32, 24, device=device, scale=32**-0.5, requires_grad=True)
+    offsets = segment_offsets([12, 8], device)
+    with torch.autocast(device.type, dtype=BF16):
+        out = grouped_matmul(x, w, offsets, backend=backend)
+    assert out.dtype == BF16
+    cast = [t.detach().to(BF16).double() for t in (x, w)]
+    assert_close_normalised(out, reference.grouped_matmul(*cast, offsets), BF16)
+    (dw,) = torch.autograd.grad(out.float().sum(), w)
+    assert dw.dtype == torch.float32 and torch.isfinite(dw).all()
 
 
 def test_grouped_matmul_cpu_auto_uses_reference_without_interpreter(monkeypatch):
