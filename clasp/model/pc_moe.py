@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from clasp.kernels import Routing, moe_mlp, route
-from clasp.kernels.utils import BACKENDS
+from clasp.kernels import BACKENDS, Routing, moe_mlp, route
 
 
 def check_backend(backend: str) -> str:
@@ -87,14 +86,14 @@ class PCMoE(nn.Module):
         router_dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device, enabled=False):
             prompt_bias = prompt.to(router_dtype) @ self.w_prompt.to(router_dtype)
-            routing = route(
-                x,
-                self.w_gate.to(router_dtype),
-                prompt_bias,
-                self.top_k,
-                normalize=self.normalize,
-                backend=self.backend,
-            )
+        routing = route(
+            x,
+            self.w_gate.to(router_dtype),
+            prompt_bias,
+            self.top_k,
+            normalize=self.normalize,
+            backend=self.backend,
+        )
         y = moe_mlp(
             x.reshape(B * N, d),
             routing,
