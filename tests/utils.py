@@ -1,14 +1,20 @@
-"""Helpers shared by the tests: tolerances per dtype, poisoned outputs, random inputs, a check
-that an op never entered its Triton path, and the one-thread fixture of the model-sized tests."""
+"""The one home of the helpers shared by the tests: tolerances per dtype, poisoned outputs,
+random inputs, a check that an op never entered its Triton path, the one-thread fixture of
+the model-sized tests; tiny CLIP teachers and folders built once per session; a tiny synthetic
+set, a label cache made from its ground truth, and a tiny training config."""
 
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from clasp.kernels import poison_outputs
 from clasp.kernels.utils import poison_value
+from filelock import FileLock
 
 # (atol, rtol) of a low-precision result against a reference run in fp64.
 # fp32 on CUDA is looser: tl.dot uses tf32 there, the interpreter computes in full fp32.
@@ -144,3 +150,121 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# -- tiny CLIP teachers and shared folders ---------------------------------------------------
+
+# A CLIP small enough to build in milliseconds: 64x64 input, 8x8 patch grid, 32-d embeddings.
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {
+        "image_size": 64,
+        "patch_size": 8,
+        "width": 64,
+        "layers": 2,
+        "head_width": 32,
+        "mlp_ratio": 2.0,
+    },
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def build_once(tmp_path_factory, name: str, build) -> str:
+    """A folder built by the first xdist worker that asks and shared by all of them (it is
+    read-only for tests): `build(path)` runs once per session under a file lock."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above the per-worker ones
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            build(str(path))
+            done.touch()
+    return str(path)
+
+
+# -- a tiny synthetic set, its label cache, a tiny training config ------------------------------
+
+IMAGE_SIZE = (64, 32)
+LABEL_GRID = (8, 4)
+
+
+def make_synth(root: str, ids: int = 12, images_per_id: int = 4) -> str:
+    from clasp.data.synthetic import generate
+
+    if not os.path.exists(os.path.join(root, "meta.json")):
+        generate(root, ids, images_per_id, 2, IMAGE_SIZE, seed=0, train_fraction=1.0)
+    return root
+
+
+def make_label_cache(synth_root: str, root: str) -> str:
+    """A label cache in the teacher's format whose labels are the synthetic ground truth:
+    the part mask's majority class per grid cell, the attribute vector as soft labels."""
+    from clasp.data.synthetic import SyntheticDataset
+    from clasp.teacher.cache import LabelCacheWriter, file_sha256
+
+    if os.path.exists(os.path.join(root, "manifest.json")):
+        return root
+    dataset = SyntheticDataset(synth_root, "all")
+    keys, parts, attributes = [], [], []
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        mask = sample["parts"]
+        cells = mask.reshape(LABEL_GRID[0], mask.shape[0] // LABEL_GRID[0], LABEL_GRID[1], -1)
+        cells = cells.permute(0, 2, 1, 3).reshape(*LABEL_GRID, -1)
+        counts = F.one_hot(cells.clamp_min(0), len(dataset.part_names)).sum(2)
+        parts.append(counts.argmax(-1))
+        attributes.append(sample["attributes"])
+        keys.append(file_sha256(dataset.paths[i]))
+    meta = {
+        "teacher": "synthetic ground truth",
+        "part_names": dataset.part_names,
+        "attribute_names": dataset.attribute_names,
+        "group_sizes": [len(v) for v in dataset.meta["attribute_groups"].values()],
+        "grid_size": list(LABEL_GRID),
+        "image_size": list(IMAGE_SIZE),
+    }
+    parts = torch.stack(parts)
+    writer = LabelCacheWriter(root, meta)
+    writer.write_shard(keys, parts, torch.ones(parts.shape), torch.stack(attributes), failed={})
+    return root
+
+
+def tiny_config(synth_root: str, output_dir: str, labels: str | None = None, **sections) -> dict:
+    """A 2-block ViT (dim 32) at 32x16 with a PC-MoE last block, 4 experts top-2."""
+    from clasp.train.config import build_config
+
+    overrides = [
+        f"data.root={synth_root}",
+        f"output_dir={output_dir}",
+        "model.img_size=[32, 16]",
+        "model.patch_size=8",
+        "model.embed_dim=32",
+        "model.depth=2",
+        "model.num_heads=2",
+        "model.kernels=reference",
+        "model.moe.blocks=[-1]",
+        "model.moe.mlp_ratio=2.0",
+        "heads.dino.out_dim=64",
+        "heads.dino.hidden_dim=64",
+        "heads.dino.bottleneck_dim=32",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "crops.n_local=2",
+        "crops.local_size=[16, 8]",
+        "optim.steps=8",
+        "optim.warmup_steps=2",
+        "optim.lr=2e-3",
+        "loss.warmup_teacher_temp_steps=2",
+        "train.log_every=1",
+        "train.plot_every=4",
+        "train.checkpoint_every=4",
+        "train.progress=false",
+    ]
+    if labels:
+        overrides.append(f"data.labels={labels}")
+    for section, values in sections.items():
+        overrides += [f"{section}.{k}={v}" for k, v in values.items()]
+    return build_config(None, overrides)

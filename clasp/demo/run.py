@@ -33,8 +33,8 @@ BUDGET_S = {"synth": 25, "teacher": 100, "label": 20, "clasp": 230, "baseline": 
 SCALES = {
     "default": {
         "synth": {"ids": 200, "images_per_id": 8, "cameras": 4},
-        "teacher": ["steps=180", "batch_size=64", "max_seconds=120"],
-        "pretrain": ["optim.steps=150", "data.batch_size=32"],
+        "teacher": ["steps=180", "max_seconds=120"],
+        "pretrain": [],  # the demo config's own steps and batch
     },
     # A smoke test: every stage on a handful of images and a tiny model.
     "tiny": {

@@ -3,38 +3,10 @@ import shutil
 
 import pytest
 import torch
-from filelock import FileLock
 
-# A CLIP small enough to build in milliseconds: 64x64 input, 8x8 patch grid, 32-d embeddings.
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {
-        "image_size": 64,
-        "patch_size": 8,
-        "width": 64,
-        "layers": 2,
-        "head_width": 32,
-        "mlp_ratio": 2.0,
-    },
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+from tests.utils import TINY_CLIP, build_once
+
 N_PETA_IMAGES = 20
-
-
-def build_once(tmp_path_factory, name: str, build) -> str:
-    """A folder built by the first xdist worker that asks and shared by all of them (it is
-    read-only for tests): `build(path)` runs once per session under a file lock."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the session's folder, above the per-worker ones
-    path, done = root / name, root / f"{name}.done"
-    with FileLock(str(root / f"{name}.lock")):
-        if not done.exists():
-            shutil.rmtree(path, ignore_errors=True)
-            path.mkdir()
-            build(str(path))
-            done.touch()
-    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import torch
 from clasp.cli import main as clasp_main
 from clasp.teacher import LabelCache, file_sha256
 from clasp.teacher.cache import MANIFEST_FILE, SHARD_DIR
-from tests.teacher.conftest import build_once
+from tests.utils import build_once
 
 N_BROKEN = 3
 N_DUPLICATES = 1  # copy_of_first.jpg

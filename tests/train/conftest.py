@@ -1,8 +1,10 @@
 import pytest
 
-from tests.utils import one_thread  # noqa: F401  (autouse: one torch thread per test)
-
-from .helpers import make_label_cache, make_synth
+from tests.utils import (
+    make_label_cache,
+    make_synth,
+    one_thread,  # noqa: F401  (autouse: one torch thread per test)
+)
 
 
 @pytest.fixture(scope="session")

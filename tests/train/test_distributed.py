@@ -10,8 +10,7 @@ import torch.multiprocessing as mp
 from clasp.train import distributed as D
 from clasp.train.data import ResumableSampler
 from clasp.train.trainer import Trainer
-
-from .helpers import tiny_config
+from tests.utils import tiny_config
 
 WORLD = 2
 

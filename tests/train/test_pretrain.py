@@ -18,8 +18,7 @@ from clasp.train import step as step_module
 from clasp.train.checkpoint import load_checkpoint, save_checkpoint
 from clasp.train.data import make_loader
 from clasp.train.trainer import NonFiniteLossError, Trainer, train
-
-from .helpers import tiny_config
+from tests.utils import tiny_config
 
 LOSS_KEYS = ("loss", "dino", "part", "attribute", "load_balance", "z_loss", "grad_norm")
 
