@@ -20,8 +20,9 @@ from harness import write_results
 from torch.utils.data import DataLoader
 
 from clasp.data.build import build_dataset
+from clasp.data.collate import collate_samples
 from clasp.data.synthetic import generate
-from clasp.data.transforms import MultiCrop, collate_samples
+from clasp.data.transforms import MultiCrop
 
 SIZE, LOCAL_SIZE, PATCH = (128, 64), (64, 32), 16
 N_GLOBAL, N_LOCAL = 2, 6

@@ -22,8 +22,9 @@ with their label maps and keypoints following the geometry; `collate_samples` ba
 
 from clasp.data.base import FailedSample, LabelReadError, PersonDataset
 from clasp.data.build import FORMATS, build_dataset
+from clasp.data.collate import collate_samples
 from clasp.data.images import ImageReadError, list_images, read_rgb
-from clasp.data.transforms import EvalTransform, MultiCrop, collate_samples
+from clasp.data.transforms import EvalTransform, MultiCrop
 
 __all__ = [
     "FORMATS",

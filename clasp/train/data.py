@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from clasp.data.transforms import collate_samples
+from clasp.data.collate import collate_samples
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

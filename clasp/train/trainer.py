@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from clasp.data.transforms import collate_samples
+from clasp.data.collate import collate_samples
 
 from . import distributed
 from .loop import NonFiniteLossError, TrainingLoop, TrainResult

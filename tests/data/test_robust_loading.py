@@ -10,9 +10,10 @@ from torch.utils.data import DataLoader
 
 from clasp.data.base import FailedSample, LabelReadError
 from clasp.data.build import build_dataset
+from clasp.data.collate import collate_samples
 from clasp.data.images import ImageReadError
 from clasp.data.synthetic import generate
-from clasp.data.transforms import MultiCrop, collate_samples
+from clasp.data.transforms import MultiCrop
 
 BAD = ("0998_c1s1_000001_01.jpg", "0999_c2s1_000001_01.jpg")  # Market names, broken content
 
