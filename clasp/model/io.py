@@ -69,13 +69,23 @@ def read_export(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     return state, config
 
 
+def with_legacy_prompt(config: dict) -> dict:
+    """A stored model config from before prompt conditioning was configurable: its backbone
+    had raw prompts in the router and no modulation."""
+    if "prompt" in config:
+        return config
+    return {**config, "prompt": {"normalize": False, "routing": True, "modulation": False}}
+
+
 def timm_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The weights a plain timm VisionTransformer can take from an export: everything but the
-    PC-MoE blocks' router/expert weights and the prompts. Load with `strict=False`; the MoE
+    PC-MoE blocks' router/expert weights, their prompt modulation and the prompts. Load with `strict=False`; the MoE
     blocks' `mlp.fc1` / `mlp.fc2` stay missing, since a routed layer has no dense equivalent."""
     state, config = read_export(path)
     moe_blocks = {i % config["depth"] for i in config["moe"]["blocks"]}
-    moe_prefixes = tuple(f"blocks.{i}.mlp." for i in moe_blocks)
+    moe_prefixes = tuple(
+        f"blocks.{i}.{module}." for i in moe_blocks for module in ("mlp", "modulation")
+    )
     return {
         k: v
         for k, v in state.items()
@@ -102,6 +112,7 @@ def load_backbone(
     if _is_safetensors(path):
         state, config = read_export(path)
         default_task = config.pop("default_task")
+        config = with_legacy_prompt(config)
         state = import_state_dict(state)
     else:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -113,7 +124,7 @@ def load_backbone(
         state = {
             k.removeprefix("backbone."): v for k, v in source.items() if k.startswith("backbone.")
         }
-        config = model_config(checkpoint["config"])
+        config = model_config(with_legacy_prompt(checkpoint["config"].get("model", {})))
         default_task = None
     if kernels is not None:
         config["kernels"] = kernels

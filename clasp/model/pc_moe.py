@@ -6,6 +6,12 @@ can steer a whole image towards the experts its task needs. Capacity-free: every
 processed by all its chosen experts, however unbalanced the routing; the load-balance loss
 (from the returned routing statistics) is what keeps experts in use.
 
+Routing alone steers little while the experts still compute nearly the same function, so the
+block can also modulate its tokens by the prompt, SOLIDER's semantic controller in ViT form:
+x * (1 + scale(prompt)) + shift(prompt) per channel on the block's input, zero-initialised so
+training starts from the unconditioned block. Both paths see the prompt at the scale of a
+LayerNormed token (`TaskPrompts` normalises it).
+
 The prompt is an argument and the routing a return value, `y, routing = moe(x, prompt)`, as
 ScatterMoE's MLP takes its expert indices and torchtitan's router returns its counts: the
 layer holds no per-call state, so gradient checkpointing can re-run it in backward and
@@ -44,6 +50,7 @@ class PCMoE(nn.Module):
         *,
         activation: str = "gelu",
         normalize: bool = True,
+        prompt_routing: bool = True,
         backend: str = "auto",
     ):
         super().__init__()
@@ -54,7 +61,11 @@ class PCMoE(nn.Module):
         self.activation, self.normalize = activation, normalize
         self.backend = check_backend(backend)
         self.w_gate = nn.Parameter(torch.empty(dim, num_experts))
-        self.w_prompt = nn.Parameter(torch.empty(prompt_dim, num_experts))
+        self.prompt_dim = prompt_dim
+        # Without prompt routing (an ablation), the router sees the tokens alone.
+        self.w_prompt = (
+            nn.Parameter(torch.empty(prompt_dim, num_experts)) if prompt_routing else None
+        )
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -69,13 +80,14 @@ class PCMoE(nn.Module):
         nn.init.zeros_(self.b1)
         nn.init.zeros_(self.b2)
         nn.init.normal_(self.w_gate, std=1.0 / math.sqrt(self.dim))
-        nn.init.normal_(self.w_prompt, std=1.0 / math.sqrt(self.w_prompt.shape[0]))
+        if self.w_prompt is not None:
+            nn.init.normal_(self.w_prompt, std=1.0 / math.sqrt(self.prompt_dim))
 
     def forward(self, x: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         B, N, d = x.shape
-        if prompt.shape != (B, self.w_prompt.shape[0]):
+        if prompt.shape != (B, self.prompt_dim):
             raise ValueError(
-                f"prompt must be ({B}, {self.w_prompt.shape[0]}) for x {tuple(x.shape)}, "
+                f"prompt must be ({B}, {self.prompt_dim}) for x {tuple(x.shape)}, "
                 f"got {tuple(prompt.shape)}"
             )
         device = x.device.type
@@ -85,7 +97,10 @@ class PCMoE(nn.Module):
             x = x.to(torch.get_autocast_dtype(device))
         router_dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device, enabled=False):
-            prompt_bias = prompt.to(router_dtype) @ self.w_prompt.to(router_dtype)
+            if self.w_prompt is None:
+                prompt_bias = x.new_zeros(B, self.num_experts, dtype=router_dtype)
+            else:
+                prompt_bias = prompt.to(router_dtype) @ self.w_prompt.to(router_dtype)
         routing = route(
             x,
             self.w_gate.to(router_dtype),
@@ -109,20 +124,40 @@ class PCMoE(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, hidden_dim={self.hidden_dim}, experts={self.num_experts}, "
-            f"top_k={self.top_k}, activation={self.activation}, backend={self.backend}"
+            f"top_k={self.top_k}, activation={self.activation}, backend={self.backend}, "
+            f"prompt_routing={self.w_prompt is not None}"
         )
 
 
+class PromptModulation(nn.Module):
+    """x (B, N, d) * (1 + scale(prompt)) + shift(prompt), prompt (B, prompt_dim): a per-sample,
+    per-channel affine map of the tokens; the identity at initialisation."""
+
+    def __init__(self, prompt_dim: int, dim: int):
+        super().__init__()
+        self.scale = nn.Linear(prompt_dim, dim)
+        self.shift = nn.Linear(prompt_dim, dim)
+        for layer in (self.scale, self.shift):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        prompt = prompt.to(x.dtype)
+        return x * (1 + self.scale(prompt)[:, None]) + self.shift(prompt)[:, None]
+
+
 class PCMoEBlock(nn.Module):
-    """A timm ViT `Block` whose MLP is a `PCMoE`: `forward(x, prompt) -> (x, Routing)`.
+    """A timm ViT `Block` whose MLP is a `PCMoE`: `forward(x, prompt) -> (x, Routing)`, with an
+    optional `PromptModulation` of its input.
 
     It takes over the block's own submodules under their timm names (norm1, attn, ls1,
     drop_path1, norm2, ls2, drop_path2, and mlp for the MoE), so the dense weights keep their
     state-dict keys and load into a plain timm ViT.
     """
 
-    def __init__(self, block: Block, moe: PCMoE):
+    def __init__(self, block: Block, moe: PCMoE, modulation: PromptModulation | None = None):
         super().__init__()
+        self.modulation = modulation
         self.norm1, self.attn, self.ls1, self.drop_path1 = (
             block.norm1, block.attn, block.ls1, block.drop_path1
         )  # fmt: skip
@@ -130,6 +165,8 @@ class PCMoEBlock(nn.Module):
         self.ls2, self.drop_path2 = block.ls2, block.drop_path2
 
     def forward(self, x: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        if self.modulation is not None:
+            x = self.modulation(x, prompt)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         y, routing = self.mlp(self.norm2(x), prompt)
         return x + self.drop_path2(self.ls2(y)), routing

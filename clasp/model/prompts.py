@@ -2,7 +2,10 @@
 
 A sample's prompt is `weights @ embeddings`, with weights (n_tasks,): one-hot during
 pre-training (each sample draws a task), any mix at inference (like SOLIDER's lambda, which
-trades semantics against appearance).
+trades semantics against appearance). With `normalize`, the mixed prompt goes through a
+LayerNorm: every prompt then has the per-channel scale of a LayerNormed token (norm about
+sqrt(dim)), so its share of the router logits and of the token modulation is of the same
+order as the tokens' own, whatever the embeddings' norm; the norm's gain is learnt.
 """
 
 from __future__ import annotations
@@ -31,16 +34,17 @@ TaskSpec = str | Mapping[str, float] | Sequence[str] | torch.Tensor | None
 class TaskPrompts(nn.Module):
     """embedding: (n_tasks, dim). forward(weights (B, n_tasks)) -> prompts (B, dim)."""
 
-    def __init__(self, tasks: Sequence[str] = TASKS, dim: int = 192):
+    def __init__(self, tasks: Sequence[str] = TASKS, dim: int = 192, normalize: bool = True):
         super().__init__()
         if len(set(tasks)) != len(tasks) or not tasks:
             raise ValueError(f"tasks must be distinct names, got {list(tasks)}")
         self.tasks = tuple(tasks)
         self.embedding = nn.Parameter(torch.empty(len(tasks), dim))
         nn.init.trunc_normal_(self.embedding, std=0.02)
+        self.norm = nn.LayerNorm(dim) if normalize else nn.Identity()
 
     def forward(self, weights: torch.Tensor) -> torch.Tensor:
-        return weights.to(self.embedding.dtype) @ self.embedding
+        return self.norm(weights.to(self.embedding.dtype) @ self.embedding)
 
     def index(self, task: str) -> int:
         try:

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from clasp.config import load_yaml, merge
 from clasp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-from .pc_moe import PCMoE, PCMoEBlock, check_backend
+from .pc_moe import PCMoE, PCMoEBlock, PromptModulation, check_backend
 from .prompts import TASKS, TaskPrompts, TaskSpec
 
 ATTENTIONS = ("sdpa", "xformers", "eager")
@@ -37,6 +37,11 @@ MODEL_DEFAULTS = {
     "grad_checkpointing": False,
     "tasks": list(TASKS),
     "prompt_dim": None,  # None: embed_dim
+    "prompt": {
+        "normalize": True,  # LayerNorm the mixed prompt (see clasp.model.prompts)
+        "routing": True,  # the prompt shifts the router logits of every PC-MoE block
+        "modulation": True,  # the prompt modulates the input tokens of every PC-MoE block
+    },
     "kernels": "auto",  # auto | triton | reference: route and moe_mlp implementation
     "moe": {
         "blocks": [-2, -1],  # block indexes whose MLP becomes a PC-MoE; negative from the end
@@ -121,7 +126,8 @@ class ClaspViT(nn.Module):
         self.grad_checkpointing = bool(cfg["grad_checkpointing"])
         dim = cfg["embed_dim"]
         prompt_dim = cfg["prompt_dim"] or dim
-        self.prompts = TaskPrompts(cfg["tasks"], prompt_dim)
+        conditioning = cfg["prompt"]
+        self.prompts = TaskPrompts(cfg["tasks"], prompt_dim, normalize=conditioning["normalize"])
         moe = cfg["moe"]
         depth = cfg["depth"]
         self.moe_blocks = sorted({i % depth for i in moe["blocks"] if -depth <= i < depth})
@@ -138,9 +144,11 @@ class ClaspViT(nn.Module):
                 prompt_dim,
                 activation=moe["activation"],
                 normalize=moe["normalize"],
+                prompt_routing=conditioning["routing"],
                 backend=cfg["kernels"],
             )
-            self.vit.blocks[i] = PCMoEBlock(self.vit.blocks[i], layer)
+            modulation = PromptModulation(prompt_dim, dim) if conditioning["modulation"] else None
+            self.vit.blocks[i] = PCMoEBlock(self.vit.blocks[i], layer, modulation)
         self.default_task: TaskSpec = None
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)

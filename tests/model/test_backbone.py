@@ -1,5 +1,7 @@
 """The backbone API: extract, per-sample task prompts, export and load_backbone, timm weights."""
 
+import json
+
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -144,3 +146,23 @@ def test_prompts_from_clip_text_embeddings(backbone):
     assert torch.linalg.matrix_rank(first) == len(prompts.tasks) - 1  # centred: one dim less
     prompts.init_from_text(clip.encode_text)
     assert torch.equal(prompts.embedding, first)
+
+
+def test_exports_from_before_configurable_prompts_still_load(tmp_path):
+    """Their config has no model.prompt: raw prompts in the router, no modulation."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    legacy = {"normalize": False, "routing": True, "modulation": False}
+    old = build_backbone({**TINY, "prompt": legacy}, seed=1).eval()
+    path = str(tmp_path / "old.safetensors")
+    save_backbone(old, path)
+    with safe_open(path, framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    del config["prompt"]
+    save_file(state, path, metadata={**meta, "config": json.dumps(config)})
+    loaded = clasp.load_backbone(path, task="reid")
+    images = torch.randn(2, 3, 32, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.extract(images)[0], old.extract(images, "reid")[0])

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from clasp.model import PCMoE, PCMoEBlock, build_backbone
+from clasp.model.pc_moe import PromptModulation
 from tests.utils import assert_close
 
 
@@ -160,3 +161,38 @@ def test_compiled_moe_block_matches_eager():
     assert_close(got, want)
     assert_close(got_dx, want_dx)
     assert torch.equal(got_routing.sorted_slots, want_routing.sorted_slots)
+
+
+def test_prompt_modulation_starts_as_the_identity_and_conditions_each_sample():
+    modulation = PromptModulation(4, 6)
+    x, prompt = torch.randn(2, 3, 6), torch.randn(2, 4)
+    assert torch.equal(modulation(x, prompt), x)
+    with torch.no_grad():
+        modulation.scale.weight.normal_()
+        modulation.shift.weight.normal_()
+    y = modulation(x, prompt)
+    alone = modulation(x[1:], prompt[1:])
+    assert_close(y[1:], alone)
+    scale = 1 + prompt @ modulation.scale.weight.T + modulation.scale.bias
+    shift = prompt @ modulation.shift.weight.T + modulation.shift.bias
+    assert_close(y, x * scale[:, None] + shift[:, None])
+
+
+def test_without_prompt_routing_the_router_ignores_the_prompt():
+    layer = PCMoE(8, 8, 4, 2, 4, prompt_routing=False, backend="reference")
+    assert layer.w_prompt is None
+    x = torch.randn(2, 5, 8)
+    _, a = layer(x, torch.randn(2, 4))
+    _, b = layer(x, torch.randn(2, 4))
+    assert torch.equal(a.expert_idx, b.expert_idx) and torch.equal(a.weights, b.weights)
+
+
+def test_normalised_prompts_have_a_tokens_scale_whatever_the_embeddings_norm():
+    backbone = build_backbone({**TINY, "kernels": "reference"}, seed=0)
+    prompts = backbone.prompts
+    weights = torch.tensor([[1.0, 0, 0, 0, 0], [0, 0.3, 0.7, 0, 0]])
+    before = prompts(weights)
+    assert_close(before.norm(dim=1), torch.full((2,), TINY["embed_dim"] ** 0.5), scale=1e4)
+    with torch.no_grad():
+        prompts.embedding.mul_(100.0)
+    assert_close(prompts(weights), before, scale=1e4)
