@@ -39,8 +39,25 @@ def matrix_table(matrix: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_matrix(matrix: dict, path: str, title: str = "task x prompt") -> str:
-    """A PNG heatmap: colour scaled per row (metrics differ), values in percent."""
+def own_prompt_differences(matrix: dict) -> list[list[float]]:
+    """Per cell, in points: value - the row's own-prompt value (the prompt named like the
+    protocol; the row's best value where no prompt is)."""
+    out = []
+    for protocol, row in zip(matrix["protocols"], matrix["values"], strict=True):
+        if protocol in matrix["prompts"]:
+            anchor = row[matrix["prompts"].index(protocol)]
+        else:
+            anchor = max((v for v in row if not math.isnan(v)), default=math.nan)
+        out.append([100 * (v - anchor) for v in row])
+    return out
+
+
+def plot_matrix(
+    matrix: dict, path: str, title: str = "task x prompt", noise: float | None = None
+) -> str:
+    """A PNG heatmap of each cell's difference from its row's own-prompt value, in points, on
+    one colour scale shared by every row (so a 0.004-point spread looks flat, as it is);
+    cells within `noise` points (e.g. the seed spread) of the own-prompt value are marked ~."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,22 +65,33 @@ def plot_matrix(matrix: dict, path: str, title: str = "task x prompt") -> str:
     import numpy as np
 
     values = np.array(matrix["values"], dtype=np.float64)
-    filled = np.where(np.isnan(values), np.inf, values)
-    low = filled.min(axis=1, keepdims=True)
-    span = np.where(np.isnan(values), -np.inf, values).max(axis=1, keepdims=True) - low
-    span = np.where(np.isfinite(span), span, 0.0)
-    scaled = np.where(span > 0, (values - low) / np.where(span > 0, span, 1), 0.5)
-    scaled = np.ma.masked_invalid(scaled)  # NaN cells (nothing to score) stay blank
+    diff = np.array(own_prompt_differences(matrix), dtype=np.float64)
+    finite = np.abs(diff[np.isfinite(diff)])
+    limit = max(1.0, float(finite.max()) if finite.size else 1.0)
     rows = [f"{p} ({m})" for p, m in zip(matrix["protocols"], matrix["metrics"], strict=True)]
-    fig, ax = plt.subplots(figsize=(1.4 * len(matrix["prompts"]) + 2.5, 0.6 * len(rows) + 1.6))
-    ax.imshow(scaled, cmap="viridis", aspect="auto", vmin=0, vmax=1)
+    fig, ax = plt.subplots(figsize=(1.5 * len(matrix["prompts"]) + 3.0, 0.65 * len(rows) + 1.8))
+    image = ax.imshow(
+        np.ma.masked_invalid(diff), cmap="RdBu", aspect="auto", vmin=-limit, vmax=limit
+    )
     ax.set_xticks(range(len(matrix["prompts"])), matrix["prompts"], rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("prompt given to the backbone")
+    for i, protocol in enumerate(matrix["protocols"]):
+        if protocol in matrix["prompts"]:  # the own-prompt cell, framed
+            j = matrix["prompts"].index(protocol)
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="black"))
     for (i, j), value in np.ndenumerate(values):
-        colour = "black" if scaled[i, j] > 0.6 else "white"
-        ax.text(j, i, format_value(value).strip(), ha="center", va="center", color=colour)
-    ax.set_title(f"{title} (colour: per row, best = yellow)")
+        if math.isnan(value):
+            continue
+        delta = diff[i, j]
+        own = matrix["prompts"][j] == matrix["protocols"][i]
+        near = noise is not None and abs(delta) < noise and not own
+        label = f"{100 * value:.1f}\n{delta:+.1f}{' ~' if near else ''}"
+        colour = "white" if abs(delta) > 0.6 * limit else "black"
+        ax.text(j, i, label, ha="center", va="center", color=colour, fontsize=8)
+    fig.colorbar(image, ax=ax, label="points vs the task's own prompt")
+    note = f"; ~ within {noise:.1f} points (seed spread)" if noise is not None else ""
+    ax.set_title(f"{title}\n(value, and difference from the framed own prompt{note})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -79,8 +79,9 @@ def with_legacy_prompt(config: dict) -> dict:
 
 def timm_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The weights a plain timm VisionTransformer can take from an export: everything but the
-    PC-MoE blocks' router/expert weights, their prompt modulation and the prompts. Load with `strict=False`; the MoE
-    blocks' `mlp.fc1` / `mlp.fc2` stay missing, since a routed layer has no dense equivalent."""
+    PC-MoE blocks' router/expert weights, their prompt modulation and the prompts. Load with
+    `strict=False`; the MoE blocks' `mlp.fc1` / `mlp.fc2` stay missing, since a routed layer
+    has no dense equivalent."""
     state, config = read_export(path)
     moe_blocks = {i % config["depth"] for i in config["moe"]["blocks"]}
     moe_prefixes = tuple(
