@@ -56,6 +56,7 @@ SCALES = {
 # The self-distillation baseline: the same ViT with dense MLPs and no pseudo-label losses.
 BASELINE_OVERRIDES = ["model.moe.blocks=[]", "data.labels=null"]
 OVERLAYS = 8  # part-label overlays written by the label stage
+MIX, MIX_STEPS = ("reid", "parsing"), 5  # the prompt-mix sweep of the evaluation
 
 
 class StageInterrupted(RuntimeError):
@@ -178,10 +179,17 @@ def _same_run(a: dict, b: dict) -> bool:
 
 def evaluate(models: dict, synth: str, out: str, weights: str = "student") -> dict:
     """Every protocol on the synthetic split for each backbone (a CLASP backbone under the
-    protocol's own task prompt); CLASP's task x prompt matrix to out."""
+    protocol's own task prompt); CLASP's task x prompt matrix and its re-ID -> parsing prompt
+    mix to out."""
     from clasp.eval.features import FeatureBank, load_encoder
-    from clasp.eval.protocols import PROTOCOLS, SetLoader, run_protocol, task_prompt_matrix
-    from clasp.eval.report import matrix_table, plot_matrix
+    from clasp.eval.protocols import (
+        PROTOCOLS,
+        SetLoader,
+        prompt_mix_curve,
+        run_protocol,
+        task_prompt_matrix,
+    )
+    from clasp.eval.report import matrix_table, plot_matrix, plot_prompt_mix
 
     results, loader = {}, None
     for name, (checkpoint, config) in models.items():
@@ -203,6 +211,12 @@ def evaluate(models: dict, synth: str, out: str, weights: str = "student") -> di
             print(matrix_table(matrix))
             save_json(os.path.join(out, "task_prompt_matrix.json"), matrix)
             plot_matrix(matrix, os.path.join(out, "task_prompt_matrix.png"), "CLASP: task x prompt")
+            if {"reid", "parsing"} <= set(bank.tasks):
+                curve = prompt_mix_curve(bank, loader, synth, *MIX, steps=MIX_STEPS)
+                save_json(os.path.join(out, "prompt_mix.json"), curve)
+                plot_prompt_mix(
+                    curve, os.path.join(out, "prompt_mix.png"), "CLASP: the prompt mixed"
+                )
         print(f"[demo]   {MODEL_NAMES[name]} evaluated in {time.perf_counter() - start:.0f} s")
     return results
 

@@ -287,3 +287,47 @@ def task_prompt_matrix(
         "metrics": [PRIMARY_METRIC[p] for p in PROTOCOLS],
         "values": values,
     }
+
+
+def prompt_mix_curve(
+    bank: FeatureBank,
+    loader: SetLoader,
+    root: str,
+    start: str,
+    end: str,
+    steps: int = 5,
+    protocols: list[str] | None = None,
+    *,
+    l2: float = 1e-3,
+    alpha: float = 0.2,
+) -> dict:
+    """Every protocol on a synthetic set as the prompt mixes from `start` to `end` (weight of
+    `end` from 0 to 1 in `steps` points), like SOLIDER's semantic-weight sweep:
+    {"start", "end", "weights": [...], "protocols": [...], "metrics": [...],
+    "values": [[protocol x weight]]}."""
+    if steps < 2:
+        raise ValueError(f"a prompt mix needs at least 2 points, got {steps}")
+    missing = [t for t in (start, end) if t not in bank.tasks]
+    if missing:
+        raise ValueError(f"the model has no task {missing}; it knows {list(bank.tasks)}")
+    protocols = list(protocols or PROTOCOLS)
+    weights = [i / (steps - 1) for i in range(steps)]
+
+    def mix(w: float):
+        return start if w == 0 else end if w == 1 else {start: 1.0 - w, end: w}
+
+    values = [
+        [
+            run_protocol(protocol, bank, loader, "synth", root, mix(w), l2=l2, alpha=alpha)["value"]
+            for w in weights
+        ]
+        for protocol in protocols
+    ]
+    return {
+        "start": start,
+        "end": end,
+        "weights": weights,
+        "protocols": protocols,
+        "metrics": [PRIMARY_METRIC[p] for p in protocols],
+        "values": values,
+    }

@@ -96,3 +96,27 @@ def plot_matrix(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_prompt_mix(curve: dict, path: str, title: str = "prompt mix") -> str:
+    """One panel per protocol: its metric (%) against the weight of the `end` prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(curve["protocols"])
+    fig, axes = plt.subplots(1, n, figsize=(3.0 * n, 2.8), squeeze=False)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.2, top=0.8, wspace=0.35)
+    for ax, protocol, metric, row in zip(
+        axes[0], curve["protocols"], curve["metrics"], curve["values"], strict=True
+    ):
+        ax.plot(curve["weights"], [100 * v for v in row], marker="o", lw=1.2)
+        ax.set_title(f"{protocol} ({metric})", fontsize=10)
+        ax.set_xlabel(f"{curve['start']} -> {curve['end']}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -3,7 +3,8 @@
 An exported file holds the backbone's state dict under timm's VisionTransformer names
 (`patch_embed.proj.weight`, `blocks.3.attn.qkv.weight`, ...), plus the clasp-specific keys
 of the PC-MoE blocks (`blocks.<i>.mlp.{w_gate,w_prompt,w1,b1,w2,b2}` in place of `fc1`/`fc2`)
-and the task prompts (`prompts.embedding`). Its safetensors metadata holds the model config
+the task prompts (`prompts.embedding`, `prompts.norm.*`) and the prompt modulation of the
+blocks (`modulation.<i>.{scale,shift}.*`). Its safetensors metadata holds the model config
 as JSON, so the file alone rebuilds the backbone.
 """
 
@@ -23,7 +24,8 @@ from .vit import ClaspViT, model_config
 
 FORMAT = "clasp-backbone"
 VERSION = "1"
-PROMPT_KEY_PREFIX = "prompts."
+# Backbone keys outside timm's ViT, kept beside it under these names in an export.
+CLASP_KEY_PREFIXES = ("prompts.", "modulation.")
 
 
 def export_state_dict(backbone: ClaspViT) -> dict[str, torch.Tensor]:
@@ -36,7 +38,7 @@ def export_state_dict(backbone: ClaspViT) -> dict[str, torch.Tensor]:
 
 
 def import_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k if k.startswith(PROMPT_KEY_PREFIX) else f"vit.{k}": v for k, v in state.items()}
+    return {k if k.startswith(CLASP_KEY_PREFIXES) else f"vit.{k}": v for k, v in state.items()}
 
 
 def save_backbone(
@@ -74,23 +76,19 @@ def with_legacy_prompt(config: dict) -> dict:
     had raw prompts in the router and no modulation."""
     if "prompt" in config:
         return config
-    return {**config, "prompt": {"normalize": False, "routing": True, "modulation": False}}
+    return {**config, "prompt": {"normalize": False, "routing": True, "modulation": "none"}}
 
 
 def timm_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The weights a plain timm VisionTransformer can take from an export: everything but the
-    PC-MoE blocks' router/expert weights, their prompt modulation and the prompts. Load with
+    PC-MoE blocks' router/expert weights, the prompt modulation and the prompts. Load with
     `strict=False`; the MoE blocks' `mlp.fc1` / `mlp.fc2` stay missing, since a routed layer
     has no dense equivalent."""
     state, config = read_export(path)
     moe_blocks = {i % config["depth"] for i in config["moe"]["blocks"]}
-    moe_prefixes = tuple(
-        f"blocks.{i}.{module}." for i in moe_blocks for module in ("mlp", "modulation")
-    )
+    moe_prefixes = tuple(f"blocks.{i}.mlp." for i in moe_blocks)
     return {
-        k: v
-        for k, v in state.items()
-        if not k.startswith(moe_prefixes) and not k.startswith(PROMPT_KEY_PREFIX)
+        k: v for k, v in state.items() if not k.startswith((*moe_prefixes, *CLASP_KEY_PREFIXES))
     }
 
 

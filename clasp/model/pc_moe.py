@@ -7,9 +7,8 @@ processed by all its chosen experts, however unbalanced the routing; the load-ba
 (from the returned routing statistics) is what keeps experts in use.
 
 Routing alone steers little while the experts still compute nearly the same function, so the
-block can also modulate its tokens by the prompt, SOLIDER's semantic controller in ViT form:
-x * (1 + scale(prompt)) + shift(prompt) per channel on the block's input, zero-initialised so
-training starts from the unconditioned block. Both paths see the prompt at the scale of a
+backbone can also modulate its tokens by the prompt (`PromptModulation`, SOLIDER's semantic
+controller in ViT form) before chosen blocks. Both paths see the prompt at the scale of a
 LayerNormed token (`TaskPrompts` normalises it).
 
 The prompt is an argument and the routing a return value, `y, routing = moe(x, prompt)`, as
@@ -131,7 +130,8 @@ class PCMoE(nn.Module):
 
 class PromptModulation(nn.Module):
     """x (B, N, d) * (1 + scale(prompt)) + shift(prompt), prompt (B, prompt_dim): a per-sample,
-    per-channel affine map of the tokens; the identity at initialisation."""
+    per-channel affine map of the tokens, zero-initialised so that training starts from the
+    unconditioned backbone."""
 
     def __init__(self, prompt_dim: int, dim: int):
         super().__init__()
@@ -147,17 +147,15 @@ class PromptModulation(nn.Module):
 
 
 class PCMoEBlock(nn.Module):
-    """A timm ViT `Block` whose MLP is a `PCMoE`: `forward(x, prompt) -> (x, Routing)`, with an
-    optional `PromptModulation` of its input.
+    """A timm ViT `Block` whose MLP is a `PCMoE`: `forward(x, prompt) -> (x, Routing)`.
 
     It takes over the block's own submodules under their timm names (norm1, attn, ls1,
     drop_path1, norm2, ls2, drop_path2, and mlp for the MoE), so the dense weights keep their
     state-dict keys and load into a plain timm ViT.
     """
 
-    def __init__(self, block: Block, moe: PCMoE, modulation: PromptModulation | None = None):
+    def __init__(self, block: Block, moe: PCMoE):
         super().__init__()
-        self.modulation = modulation
         self.norm1, self.attn, self.ls1, self.drop_path1 = (
             block.norm1, block.attn, block.ls1, block.drop_path1
         )  # fmt: skip
@@ -165,8 +163,6 @@ class PCMoEBlock(nn.Module):
         self.ls2, self.drop_path2 = block.ls2, block.drop_path2
 
     def forward(self, x: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        if self.modulation is not None:
-            x = self.modulation(x, prompt)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         y, routing = self.mlp(self.norm2(x), prompt)
         return x + self.drop_path2(self.ls2(y)), routing

@@ -40,7 +40,9 @@ MODEL_DEFAULTS = {
     "prompt": {
         "normalize": True,  # LayerNorm the mixed prompt (see clasp.model.prompts)
         "routing": True,  # the prompt shifts the router logits of every PC-MoE block
-        "modulation": True,  # the prompt modulates the input tokens of every PC-MoE block
+        # Blocks whose input tokens the prompt modulates: indexes (negative from the end),
+        # "moe" (the PC-MoE blocks) or "all".
+        "modulation": "all",
     },
     "kernels": "auto",  # auto | triton | reference: route and moe_mlp implementation
     "moe": {
@@ -147,11 +149,28 @@ class ClaspViT(nn.Module):
                 prompt_routing=conditioning["routing"],
                 backend=cfg["kernels"],
             )
-            modulation = PromptModulation(prompt_dim, dim) if conditioning["modulation"] else None
-            self.vit.blocks[i] = PCMoEBlock(self.vit.blocks[i], layer, modulation)
+            self.vit.blocks[i] = PCMoEBlock(self.vit.blocks[i], layer)
+        self.modulated_blocks = self._modulated_blocks(conditioning["modulation"], depth)
+        self.modulation = nn.ModuleDict(
+            {str(i): PromptModulation(prompt_dim, dim) for i in self.modulated_blocks}
+        )
         self.default_task: TaskSpec = None
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
+
+    def _modulated_blocks(self, spec, depth: int) -> list[int]:
+        if spec in (None, False, "none"):
+            return []
+        if spec == "moe":
+            return list(self.moe_blocks)
+        if spec == "all":
+            return list(range(depth))
+        if not isinstance(spec, list) or not all(-depth <= int(i) < depth for i in spec):
+            raise ValueError(
+                f"model.prompt.modulation must be 'all', 'moe', 'none' or a list of block "
+                f"indexes in [-{depth}, {depth}), got {spec!r}"
+            )
+        return sorted({int(i) % depth for i in spec})
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -203,7 +222,9 @@ class ClaspViT(nn.Module):
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
         routings = []
-        for block in vit.blocks:
+        for i, block in enumerate(vit.blocks):
+            if str(i) in self.modulation:
+                x = self.modulation[str(i)](x, prompt)
             args = (x, prompt) if isinstance(block, PCMoEBlock) else (x,)
             out = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
             if isinstance(block, PCMoEBlock):

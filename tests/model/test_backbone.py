@@ -153,7 +153,7 @@ def test_exports_from_before_configurable_prompts_still_load(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    legacy = {"normalize": False, "routing": True, "modulation": False}
+    legacy = {"normalize": False, "routing": True, "modulation": "none"}
     old = build_backbone({**TINY, "prompt": legacy}, seed=1).eval()
     path = str(tmp_path / "old.safetensors")
     save_backbone(old, path)
