@@ -29,8 +29,24 @@ _Loader.add_implicit_resolver(
 )
 
 
+class ConfigError(KeyError, ValueError):
+    """A config key that is unknown, a value of the wrong type or out of range, or a config
+    file that is not valid YAML. Its message names the key (or file) and what to do."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 def load_yaml(stream) -> Any:
     return yaml.load(stream, Loader=_Loader)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """'expected ..., but found ... (line 3, column 5)' from a PyYAML error."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -47,12 +63,18 @@ def merge(base: dict, override: dict) -> dict:
 def parse_override(item: str) -> dict:
     """'optim.lr=1e-3' -> {'optim': {'lr': 0.001}}; the value is read as YAML."""
     if "=" not in item:
-        raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
     key, raw = item.split("=", 1)
-    value: Any = load_yaml(raw) if raw else None
+    try:
+        value: Any = load_yaml(raw) if raw else None
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({_yaml_problem(error)}); quote "
+            "it or fix its brackets"
+        ) from None
     for part in reversed(key.strip().split(".")):
         if not part:
-            raise ValueError(f"override {item!r} has an empty key")
+            raise ConfigError(f"override {item!r} has an empty key")
         value = {part: value}
     return value
 
@@ -78,28 +100,109 @@ def resolve_config(name_or_path: str) -> str:
     )
 
 
+def read_config_file(path: str) -> dict:
+    """The mapping in a YAML config file ({} for an empty file); ConfigError naming the file
+    and the line when it is not valid YAML or not a mapping."""
+    with open(path) as f:
+        try:
+            layer = load_yaml(f)
+        except yaml.YAMLError as error:
+            raise ConfigError(
+                f"config file {path} is not valid YAML: {_yaml_problem(error)}; fix it there"
+            ) from None
+    if layer is not None and not isinstance(layer, dict):
+        raise ConfigError(
+            f"config file {path} holds a {type(layer).__name__}, not a mapping of keys "
+            "(e.g. `optim: {lr: 1e-3}`)"
+        )
+    return layer or {}
+
+
 def load_config(defaults: dict, path: str | None = None, overrides: list[str] = ()) -> dict:
     """defaults <- YAML file at path (or packaged config of that name, see `resolve_config`)
-    <- overrides; keys unknown to defaults are errors."""
+    <- overrides. Every key must be known to defaults, and every value must have its
+    default's type where the default is not None (see `_checked`); a ConfigError names the
+    key otherwise. Ranges are checked where each key is used (e.g. `clasp.model.vit`)."""
     config = copy.deepcopy(defaults)
     layers = []
     if path is not None:
         path = resolve_config(path)
-        with open(path) as f:
-            layers.append((path, load_yaml(f) or {}))
+        layers.append((path, read_config_file(path)))
     layers += [(f"override {o!r}", parse_override(o)) for o in overrides]
     for source, layer in layers:
-        _check_known(defaults, layer, source)
-        config = merge(config, layer)
+        config = merge(config, _checked(defaults, layer, source))
     return config
 
 
-def _check_known(defaults: dict, layer: dict, source: str, prefix: str = "") -> None:
+def _checked(defaults: dict, layer: dict, source: str, prefix: str = "") -> dict:
+    """`layer` with every key known to `defaults` and every leaf of its default's type:
+    numbers for numbers (a whole float such as 1e4 becomes an int where the default is an
+    int; whether a number must be whole, positive... is checked where it is used), true or
+    false for booleans, strings for strings, lists (of the default's element type) for
+    lists, mappings for sections. None defaults and empty sections take anything."""
+    out = {}
     for key, value in layer.items():
+        name = f"{prefix}{key}"
         if key not in defaults:
             known = ", ".join(sorted(defaults))
-            raise KeyError(
+            raise ConfigError(
                 f"{source}: unknown config key {prefix}{key!r}; known keys here: {known}"
             )
-        if isinstance(value, dict) and isinstance(defaults[key], dict) and defaults[key]:
-            _check_known(defaults[key], value, source, f"{prefix}{key}.")
+        default = defaults[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                keys = f" of {', '.join(sorted(default))}" if default else ""
+                raise ConfigError(
+                    f"{source}: {name} is a section{keys}, got {value!r}; set its keys "
+                    f"instead ({name}.KEY=VALUE)"
+                )
+            out[key] = _checked(default, value, source, f"{name}.") if default else value
+        elif isinstance(default, list):
+            if not isinstance(value, list):
+                raise ConfigError(f"{source}: {name} must be a list like {default}, got {value!r}")
+            kinds = {_kind(v) for v in default}
+            if len(kinds) == 1 and None not in kinds:
+                (kind,) = kinds
+                value = [_leaf(kind, v, f"{name}[{i}]", source, default[0]) for i, v in
+                         enumerate(value)]  # fmt: skip
+            out[key] = value
+        elif default is None:
+            out[key] = value
+        else:
+            out[key] = _leaf(_kind(default), value, name, source, default)
+    return out
+
+
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _kind(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return None
+
+
+def _leaf(kind: str | None, value: Any, name: str, source: str, default: Any) -> Any:
+    if kind is None:
+        return value
+    found = _kind(value)
+    if kind == "int" and found == "float":
+        return int(value) if value.is_integer() else value
+    if found == kind or (kind == "float" and found == "int"):
+        return value
+    raise ConfigError(
+        f"{source}: {name} must be {_EXPECTED[kind]} (default {_show(default)}), got {_show(value)}"
+    )
+
+
+def _show(value: Any) -> str:
+    """A value as YAML writes it: true, null, 'text', [1, 2]."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return repr(value)

@@ -227,8 +227,8 @@ def make_label_cache(synth_root: str, root: str) -> str:
         "image_size": list(IMAGE_SIZE),
     }
     parts = torch.stack(parts)
-    writer = LabelCacheWriter(root, meta)
-    writer.write_shard(keys, parts, torch.ones(parts.shape), torch.stack(attributes), failed={})
+    with LabelCacheWriter(root, meta) as writer:
+        writer.write_shard(keys, parts, torch.ones(parts.shape), torch.stack(attributes), {})
     return root
 
 

@@ -9,6 +9,9 @@ cannot be decoded never crashes a run: depending on `on_error` the dataset
 - "replace": logs and counts it, and returns the next readable sample instead, with the
   failed paths in `sample["skipped"]` (a fixed batch size, for training);
 - "raise": raises the `ImageReadError` / `LabelReadError`.
+
+Each failure is logged as a warning unless `warn_each_failure` is False: a training run,
+which meets the same file again every epoch, reports them once at its end instead.
 """
 
 from __future__ import annotations
@@ -90,9 +93,9 @@ class PersonDataset(torch.utils.data.Dataset):
         self.paths: list[str] = []
         self.pids: list[int] = []
         self.cameras: list[int] = []
-        self.failures = (
-            0  # unreadable samples met by this process (each DataLoader worker counts its own)
-        )
+        # unreadable samples met by this process (each DataLoader worker counts its own)
+        self.failures = 0
+        self.warn_each_failure = True
 
     # -- to implement -------------------------------------------------------------------------
     def load(self, index: int) -> dict:
@@ -160,9 +163,10 @@ class PersonDataset(torch.utils.data.Dataset):
                 if self.on_error == "raise":
                     raise
                 self.failures += 1
-                log.warning(
-                    "skipping unreadable sample %d (%s): %s", current, error.path, error.reason
-                )
+                log.log(
+                    logging.WARNING if self.warn_each_failure else logging.DEBUG,
+                    "skipping unreadable sample %d (%s): %s", current, error.path, error.reason,
+                )  # fmt: skip
                 if self.on_error == "drop":
                     return FailedSample(current, error.path, error.reason)
                 skipped.append(error.path)

@@ -74,17 +74,35 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_error_reason(path: str, error: OSError) -> str:
+    """Why a file could not be opened or read, in words: a dangling symbolic link names its
+    target; other errors give their type and the system's message."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"dangling symbolic link (to {os.readlink(path)})"
+    return f"{type(error).__name__}: {error.strerror or error}"
+
+
 def read_rgb(path: str) -> Image.Image:
-    """Decode an image file into an upright 8-bit RGB PIL image, or raise ImageReadError."""
-    with open(path, "rb") as f:  # one read; PIL would issue many small ones
-        data = f.read()
+    """Decode an image file into an upright 8-bit RGB PIL image, or raise ImageReadError
+    (a file that cannot be opened or read, a dangling link, an empty file, bytes that are no
+    picture or a broken one)."""
+    try:
+        with open(path, "rb") as f:  # one read; PIL would issue many small ones
+            data = f.read()
+    except OSError as error:
+        raise ImageReadError(path, open_error_reason(path, error)) from error
+    if not data:
+        raise ImageReadError(path, "empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
+    except UnidentifiedImageError as error:
+        # PIL's message names the in-memory buffer, not the file
+        reason = "not an image file PIL can identify (unknown format or not a picture)"
+        raise ImageReadError(path, reason) from error
     except (
-        UnidentifiedImageError,
         OSError,
         ValueError,
         SyntaxError,
@@ -95,3 +113,12 @@ def read_rgb(path: str) -> Image.Image:
     if rgb.width == 0 or rgb.height == 0:
         raise ImageReadError(path, "image has zero size")
     return rgb
+
+
+def read_error(path: str) -> str | None:
+    """The reason `read_rgb(path)` fails, or None when the file reads as a picture."""
+    try:
+        read_rgb(path)
+    except ImageReadError as error:
+        return error.reason
+    return None

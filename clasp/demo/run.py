@@ -15,18 +15,24 @@
 Each stage calls the function its command calls, with the settings the command would build.
 Writes into the output folder: results.md (the table), summary.json, loss_curves.png,
 part_labels.png, task_prompt_matrix.png, and each stage's own outputs in its folder.
+
+The output folder must be new, empty, hold only what a demo writes, or be one a demo made
+(it has stages.json); any other folder is refused. `force` removes only the demo's own
+folders and files, by name (`DEMO_ENTRIES`); anything else in the folder stays.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
 import time
 
 from clasp import RANDOM_WEIGHTS
+from clasp.atomic import TMP_MARK
 
-from .report import MODEL_NAMES, overlay_sheet, read_json, save_json, write_report
+from .report import MODEL_NAMES, OUTPUTS, overlay_sheet, read_json, save_json, write_report
 
 # Seconds each stage should take at the default scale on 2 CPU cores (12 minutes in all).
 BUDGET_S = {"synth": 25, "teacher": 100, "label": 20, "clasp": 230, "baseline": 200, "eval": 120}
@@ -59,6 +65,62 @@ OVERLAYS = 8  # part-label overlays written by the label stage
 MIX, MIX_STEPS = ("reid", "parsing"), 5  # the prompt-mix sweep of the evaluation
 
 
+STAGES_FILE = "stages.json"
+STAGE_FOLDERS = ("synth", "teacher", "labels", "clasp", "baseline")
+# Everything the demo writes at the top of its output folder (and temporaries of these).
+DEMO_ENTRIES = (
+    *STAGE_FOLDERS, STAGES_FILE, "eval.json", "pseudo_label_quality.json",
+    "task_prompt_matrix.json", *OUTPUTS,
+)  # fmt: skip
+
+
+class OutputFolderError(ValueError):
+    """The output folder holds files that are not a demo's."""
+
+
+def _is_demo_entry(name: str) -> bool:
+    return name.split(TMP_MARK)[0] in DEMO_ENTRIES
+
+
+def check_output_folder(out: str) -> None:
+    """Raise OutputFolderError unless the demo may write into `out` (see the module doc).
+
+    Why not only remove the demo's names: in a folder no demo made, `clasp/`, `labels/` or
+    `synth/` may be the user's own (`--out .` in a project), so a name alone does not say
+    that the demo wrote it; such a folder is refused before anything is written or removed.
+    """
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise OutputFolderError(f"--out {out} is a file, not a folder; choose a folder")
+    if os.path.isfile(os.path.join(out, STAGES_FILE)):  # a demo made it
+        return
+    others = sorted(name for name in os.listdir(out) if not _is_demo_entry(name))
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise OutputFolderError(
+            f"--out {out} holds files that are not a demo's ({shown}); the demo writes "
+            f"{', '.join(STAGE_FOLDERS)} and its report there: choose a new or empty folder"
+        )
+
+
+def remove_demo_outputs(out: str) -> list[str]:
+    """Delete what a demo wrote in `out` (`DEMO_ENTRIES`, by name), nothing else; returns
+    the names removed."""
+    removed = []
+    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        if not _is_demo_entry(name):
+            continue
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        removed.append(name)
+    return removed
+
+
 class StageInterrupted(RuntimeError):
     """A stage stopped before its end (pre-training on SIGINT / SIGTERM); it is not marked
     finished, so the next run redoes it."""
@@ -69,7 +131,7 @@ class Stages:
 
     def __init__(self, out: str, settings: dict, budgets: dict):
         self.out, self.budgets, self.seconds = out, budgets, {}
-        self.path = os.path.join(out, "stages.json")
+        self.path = os.path.join(out, STAGES_FILE)
         state = read_json(self.path) if os.path.exists(self.path) else {}
         if state and state.get("settings") != settings:
             print(f"[demo] {out} holds a run with other settings: starting over")
@@ -239,7 +301,8 @@ def run_demo(
     """Run (or resume) every stage into `out` and write the report; returns summary.json's
     content. config: the pre-training YAML or a packaged config's name; pretrain_overrides:
     `key.sub=value` for both pre-training runs. Bad settings raise before any stage runs:
-    FileNotFoundError (config), KeyError / ValueError (overrides)."""
+    FileNotFoundError (config), KeyError / ValueError (overrides), OutputFolderError (an
+    output folder holding files that are not a demo's)."""
     import torch
 
     from clasp.config import resolve_config
@@ -251,7 +314,7 @@ def run_demo(
     config = os.path.abspath(resolve_config(config))
     sizes = SCALES[scale]
     out = os.path.abspath(out)
-    paths = {k: os.path.join(out, k) for k in ("synth", "teacher", "labels", "clasp", "baseline")}
+    paths = {k: os.path.join(out, k) for k in STAGE_FOLDERS}
     common = [
         f"data.root={paths['synth']}", f"seed={seed}", f"data.num_workers={workers}",
         f"train.cpu_threads={threads}", *sizes["pretrain"], *pretrain_overrides,
@@ -262,8 +325,11 @@ def run_demo(
     baseline_config = build_config(
         config, [f"output_dir={paths['baseline']}", *common, *BASELINE_OVERRIDES]
     )
-    if force and os.path.isdir(out):
-        shutil.rmtree(out)
+    check_output_folder(out)
+    if force:
+        removed = remove_demo_outputs(out)
+        if removed:
+            print(f"[demo] --force: removed {', '.join(removed)} from {out}")
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(threads)
     settings = {

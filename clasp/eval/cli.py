@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
@@ -88,41 +87,33 @@ def _summary(result: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    # A backbone that cannot be loaded, a set that cannot be evaluated (e.g. re-ID with no
+    # valid query) or an output that cannot be written raises; `clasp.cli` says it in one line.
     start = time.perf_counter()
-    try:
-        encoder = load_encoder(
-            args.checkpoint, args.config, seed=args.seed, weights=args.weights, device=args.device
-        )
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        print(f"clasp eval: cannot load the backbone: {error}", file=sys.stderr)
-        return 2
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images must be at least 1, got {args.max_images}")
+    encoder = load_encoder(
+        args.checkpoint, args.config, seed=args.seed, weights=args.weights, device=args.device
+    )
     bank = FeatureBank(encoder, batch_size=args.batch_size, device=args.device)
     loader = SetLoader(bank.size, max_images=args.max_images, workers=args.workers)
     options = {"l2": args.l2, "alpha": args.alpha}
-    try:
-        if args.protocol == "all":
-            from .protocols import task_prompt_matrix
+    if args.protocol == "all":
+        from .protocols import task_prompt_matrix
 
-            prompts = args.prompts.split(",") if args.prompts else None
-            matrix = task_prompt_matrix(bank, loader, args.data, prompts, **options)
-            print(matrix_table(matrix))
-            result = {"checkpoint": args.checkpoint, "data": args.data, **matrix}
-            if args.out:
-                os.makedirs(args.out, exist_ok=True)
-                write_json(os.path.join(args.out, "task_prompt_matrix.json"), json_ready(result))
-                result["png"] = plot_matrix(
-                    matrix, os.path.join(args.out, "task_prompt_matrix.png")
-                )
-        else:
-            task = parse_task(args.task)
-            result = run_protocol(
-                args.protocol, bank, loader, args.format, args.data, task, **options
-            )
-            result["checkpoint"] = args.checkpoint
-            print(_summary(result))
-    except (FileNotFoundError, ValueError) as error:
-        print(f"clasp eval {args.protocol}: {error}", file=sys.stderr)
-        return 2
+        prompts = args.prompts.split(",") if args.prompts else None
+        matrix = task_prompt_matrix(bank, loader, args.data, prompts, **options)
+        print(matrix_table(matrix))
+        result = {"checkpoint": args.checkpoint, "data": args.data, **matrix}
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            write_json(os.path.join(args.out, "task_prompt_matrix.json"), json_ready(result))
+            result["png"] = plot_matrix(matrix, os.path.join(args.out, "task_prompt_matrix.png"))
+    else:
+        task = parse_task(args.task)
+        result = run_protocol(args.protocol, bank, loader, args.format, args.data, task, **options)
+        result["checkpoint"] = args.checkpoint
+        print(_summary(result))
     result["seconds"] = round(time.perf_counter() - start, 2)
     print(json.dumps(json_ready(result)))
     return 0

@@ -65,6 +65,11 @@ SPLITS = {
 }  # fmt: skip
 
 
+class NoValidQueriesError(ValueError):
+    """Re-ID with no query that has a match of its identity from another camera in the
+    gallery: every metric would be NaN."""
+
+
 @dataclass
 class View:
     """Some images of a prepared set (all when index is None)."""
@@ -250,6 +255,18 @@ def run_protocol(
     if protocol == "pose":
         options["alpha"] = alpha
     result = EVALUATORS[protocol](bank, first, second, task, **options)
+    if protocol == "reid" and result["metrics"]["num_valid_queries"] == 0:
+        subset = (
+            f"; --max-images {loader.max_images} keeps too few images of each identity: "
+            "raise it or leave it out"
+            if loader.max_images is not None
+            else "; re-ID needs identities seen by at least two cameras"
+        )
+        raise NoValidQueriesError(
+            f"re-ID on {format} at {root}: none of the {len(first)} queries has an image of "
+            f"its identity from another camera among the {len(second)} gallery images, so "
+            f"mAP is undefined{subset}"
+        )
     metric = PRIMARY_METRIC[protocol]
     return {
         "protocol": protocol,

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import zipfile
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from clasp.atomic import atomic_path
@@ -28,6 +30,39 @@ VERSION = "1"
 CLASP_KEY_PREFIXES = ("prompts.", "modulation.")
 
 
+class CheckpointError(ValueError):
+    """A training checkpoint or exported backbone that cannot be read (truncated, damaged,
+    not a state dict) or whose weights do not fit the model it describes; the message names
+    the file, what is wrong and what to do."""
+
+
+def read_checkpoint(path: str) -> dict:
+    """A `torch.save` dict read with `weights_only=True` (no pickled code runs), on CPU.
+    Raises FileNotFoundError, or CheckpointError for a truncated or damaged file, a file
+    that is not a torch checkpoint, or one that holds pickled objects (a whole nn.Module)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower():
+            raise CheckpointError(
+                f"{path} holds pickled Python objects (such as an nn.Module saved whole), "
+                "which clasp does not unpickle; save a state dict instead "
+                "(torch.save(model.state_dict(), ...)) or a training checkpoint"
+            ) from error
+        raise CheckpointError(f"{path} is not a torch checkpoint ({error})") from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError) as error:
+        reason = str(error).split(". ")[0].splitlines()[0] or type(error).__name__
+        raise CheckpointError(
+            f"cannot read {path}: it is truncated, damaged or not a torch checkpoint "
+            f"({reason}); use a complete copy of the file"
+        ) from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
 def export_state_dict(backbone: ClaspViT) -> dict[str, torch.Tensor]:
     """The backbone's weights under exported names (timm names for the ViT)."""
     out = {}
@@ -35,6 +70,11 @@ def export_state_dict(backbone: ClaspViT) -> dict[str, torch.Tensor]:
         key = name.removeprefix("vit.") if name.startswith("vit.") else name
         out[key] = tensor.detach().cpu().contiguous()
     return out
+
+
+def export_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A backbone state dict under exported names (the inverse of `import_state_dict`)."""
+    return {k.removeprefix("vit."): v for k, v in state.items()}
 
 
 def import_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -57,17 +97,30 @@ def save_backbone(
 
 
 def read_export(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict under exported names, model config) of an exported file."""
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(
-                f"{path} is not a clasp backbone export (metadata format "
-                f"{meta.get('format')!r}); make one with `clasp export`"
-            )
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    config = json.loads(meta["config"])
-    config["default_task"] = json.loads(meta.get("default_task", "null"))
+    """(state dict under exported names, model config) of an exported file. Raises
+    CheckpointError for a file that is truncated, damaged or not a clasp export."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(
+                    f"{path} is not a clasp backbone export (metadata format "
+                    f"{meta.get('format')!r}); make one with `clasp export`"
+                )
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as error:
+        raise CheckpointError(
+            f"cannot read {path}: it is truncated or damaged ({error}); export it again "
+            "with `clasp export`"
+        ) from error
+    try:
+        config = json.loads(meta["config"])
+        config["default_task"] = json.loads(meta.get("default_task", "null"))
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise CheckpointError(
+            f"{path}: its metadata holds no readable model config ({type(error).__name__}: "
+            f"{error}); export it again with `clasp export`"
+        ) from error
     return state, config
 
 
@@ -105,29 +158,55 @@ def load_backbone(
     task: default task of `extract` (a name or {name: weight} mix); None keeps the one
     stored at export, else "generic". weights: from a checkpoint, "student" or the EMA
     "teacher". kernels: override the MoE kernel backend ("auto", "triton", "reference").
+    Every way a file can fail to load is a FileNotFoundError or a `CheckpointError` naming
+    the file, what is wrong and what to do (see `read_checkpoint`, `read_export`).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no backbone file at {path}")
+    if weights not in ("student", "teacher"):
+        raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
     if _is_safetensors(path):
         state, config = read_export(path)
         default_task = config.pop("default_task")
         config = with_legacy_prompt(config)
         state = import_state_dict(state)
+        what = "the model config stored with them"
     else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if "model" not in checkpoint or "config" not in checkpoint:
-            raise ValueError(f"{path} is neither a clasp export nor a clasp training checkpoint")
-        if weights not in ("student", "teacher"):
-            raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
-        source = checkpoint["model"] if weights == "student" else checkpoint["teacher"]
+        checkpoint = read_checkpoint(path)
+        if not isinstance(checkpoint.get("model"), dict) or "config" not in checkpoint:
+            raise CheckpointError(
+                f"{path} is neither a clasp export nor a clasp training checkpoint (it has "
+                f"no model and config entries); pass a file from `clasp pretrain` or "
+                "`clasp export`"
+            )
+        source = checkpoint["model"] if weights == "student" else checkpoint.get("teacher")
+        if not isinstance(source, dict):
+            raise CheckpointError(f"{path} holds no {weights} weights")
         state = {
             k.removeprefix("backbone."): v for k, v in source.items() if k.startswith("backbone.")
         }
-        config = model_config(with_legacy_prompt(checkpoint["config"].get("model", {})))
+        config = checkpoint["config"]
+        if isinstance(config, dict) and isinstance(config.get("model"), dict):
+            config = with_legacy_prompt(config["model"])
         default_task = None
-    if kernels is not None:
-        config["kernels"] = kernels
-    backbone = ClaspViT(config)
+        what = "the training config stored with them"
+    try:
+        config = model_config(config)
+        if kernels is not None:
+            config["kernels"] = kernels
+        backbone = ClaspViT(config)
+    except (KeyError, ValueError, TypeError) as error:
+        reason = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise CheckpointError(
+            f"{path}: {what} does not describe a backbone ({reason}); the file was edited or "
+            "written by another version: export or train it again"
+        ) from error
+    mismatch = _state_mismatch(export_names(backbone.state_dict()), export_names(state))
+    if mismatch:
+        raise CheckpointError(
+            f"{path}: its weights do not fit {what} ({mismatch}); the file was edited or "
+            "written by another version: export or train it again"
+        )
     backbone.load_state_dict(state, strict=True)
     backbone.default_task = task if task is not None else default_task
     if backbone.default_task is not None:
@@ -135,9 +214,36 @@ def load_backbone(
     return backbone.to(device).eval()
 
 
+def _state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """'' when `found` has exactly `expected`'s keys and shapes, else what differs (a few
+    names of each kind)."""
+
+    def some(names) -> str:
+        names = sorted(names)
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    missing = expected.keys() - found.keys()
+    unexpected = found.keys() - expected.keys()
+    shapes = [
+        f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in sorted(expected.keys() & found.keys())
+        if found[k].shape != expected[k].shape
+    ]
+    parts = [f"missing {some(missing)}"] if missing else []
+    parts += [f"unexpected {some(unexpected)}"] if unexpected else []
+    parts += [f"other shapes: {some(shapes)}"] if shapes else []
+    return "; ".join(parts)
+
+
 def _is_safetensors(path: str) -> bool:
-    try:
-        with safe_open(path, framework="pt"):
-            return True
-    except Exception:  # safetensors raises its own error types for non-safetensors files
+    """By content: a safetensors file starts with its JSON header's 8-byte length and '{';
+    a torch checkpoint is a zip or a pickle. A damaged file named .safetensors counts as
+    one, so that its error says what it is."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    header_length = int.from_bytes(head[:8], "little")
+    if head[8:9] == b"{" and 8 + header_length <= os.path.getsize(path):
+        return True
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return False
+    return path.endswith(".safetensors")

@@ -16,13 +16,14 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
-from clasp.config import load_yaml, merge
+from clasp.config import merge, read_config_file
 from clasp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 from .pc_moe import PCMoE, PCMoEBlock, PromptModulation, check_backend
 from .prompts import TASKS, TaskPrompts, TaskSpec
 
 ATTENTIONS = ("sdpa", "xformers", "eager")
+MODULATION = ("all", "moe", "none")
 
 MODEL_DEFAULTS = {
     "img_size": [256, 128],  # (H, W): person aspect ratio
@@ -40,9 +41,7 @@ MODEL_DEFAULTS = {
     "prompt": {
         "normalize": True,  # LayerNorm the mixed prompt (see clasp.model.prompts)
         "routing": True,  # the prompt shifts the router logits of every PC-MoE block
-        # Blocks whose input tokens the prompt modulates: indexes (negative from the end),
-        # "moe" (the PC-MoE blocks) or "all".
-        "modulation": "all",
+        "modulation": "all",  # blocks whose input the prompt modulates: all | moe | none
     },
     "kernels": "auto",  # auto | triton | reference: route and moe_mlp implementation
     "moe": {
@@ -77,8 +76,7 @@ def model_config(config: dict | str | None = None) -> dict:
     """The full model config: MODEL_DEFAULTS <- config. `config` may be a model config, a
     training config (its "model" entry is used) or the path of a YAML file of either."""
     if isinstance(config, str):
-        with open(config) as f:
-            config = load_yaml(f) or {}
+        config = read_config_file(config)
     config = dict(config or {})
     if "model" in config and isinstance(config["model"], dict):
         config = config["model"]
@@ -88,12 +86,64 @@ def model_config(config: dict | str | None = None) -> dict:
     return merge(MODEL_DEFAULTS, config)
 
 
+def _whole(value, minimum: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def check_model_config(cfg: dict) -> None:
+    """Raise ValueError naming the `model.` key whose value cannot build a backbone (sizes,
+    divisibility, expert counts), before any weight is allocated. `cfg`: a full model config
+    (`model_config`)."""
+    patch = cfg["patch_size"]
+    if not _whole(patch):
+        raise ValueError(f"model.patch_size must be a positive integer, got {patch!r}")
+    size = cfg["img_size"]
+    if not (isinstance(size, list | tuple) and len(size) == 2 and all(map(_whole, size))):
+        raise ValueError(f"model.img_size must be [height, width] in pixels, got {size!r}")
+    if size[0] % patch or size[1] % patch:
+        raise ValueError(
+            f"model.img_size {list(size)} must be a multiple of model.patch_size {patch} on "
+            f"both sides; e.g. {[max(patch, s // patch * patch) for s in size]}"
+        )
+    for key in ("embed_dim", "depth", "num_heads"):
+        if not _whole(cfg[key]):
+            raise ValueError(f"model.{key} must be a positive integer, got {cfg[key]!r}")
+    dim, heads = cfg["embed_dim"], cfg["num_heads"]
+    if dim % heads:
+        divisors = [h for h in range(1, min(dim, 16) + 1) if dim % h == 0]
+        raise ValueError(
+            f"model.embed_dim {dim} must be divisible by model.num_heads {heads}; heads that "
+            f"divide it: {', '.join(map(str, divisors))}"
+        )
+    if not (isinstance(cfg["mlp_ratio"], int | float) and cfg["mlp_ratio"] > 0):
+        raise ValueError(f"model.mlp_ratio must be positive, got {cfg['mlp_ratio']!r}")
+    if not 0 <= cfg["drop_path_rate"] < 1:
+        raise ValueError(f"model.drop_path_rate must be in [0, 1), got {cfg['drop_path_rate']}")
+    if cfg["prompt_dim"] is not None and not _whole(cfg["prompt_dim"]):
+        raise ValueError(
+            f"model.prompt_dim must be a positive integer or null, got {cfg['prompt_dim']!r}"
+        )
+    moe = cfg["moe"]
+    if not _whole(moe["num_experts"]):
+        raise ValueError(
+            f"model.moe.num_experts must be a positive integer, got {moe['num_experts']!r}"
+        )
+    if not (_whole(moe["top_k"]) and moe["top_k"] <= moe["num_experts"]):
+        raise ValueError(
+            f"model.moe.top_k must be in [1, model.moe.num_experts={moe['num_experts']}], got "
+            f"{moe['top_k']!r}"
+        )
+    if not (isinstance(moe["mlp_ratio"], int | float) and moe["mlp_ratio"] > 0):
+        raise ValueError(f"model.moe.mlp_ratio must be positive, got {moe['mlp_ratio']!r}")
+
+
 class ClaspViT(nn.Module):
     """PC-MoE ViT backbone. See `forward_tokens` and `extract`."""
 
     def __init__(self, config: dict | None = None):
         super().__init__()
         self.config = cfg = model_config(config)
+        check_model_config(cfg)
         if cfg["attention"] not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {cfg['attention']!r}")
         if cfg["attention"] == "xformers":
@@ -106,9 +156,6 @@ class ClaspViT(nn.Module):
                 ) from error
         self.img_size = tuple(cfg["img_size"])
         self.patch_size = int(cfg["patch_size"])
-        for side in self.img_size:
-            if side % self.patch_size:
-                raise ValueError(f"img_size {self.img_size} must be a multiple of the patch size")
         self.vit = VisionTransformer(
             img_size=self.img_size,
             patch_size=self.patch_size,
@@ -158,19 +205,10 @@ class ClaspViT(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
 
-    def _modulated_blocks(self, spec, depth: int) -> list[int]:
-        if spec in (None, False, "none"):
-            return []
-        if spec == "moe":
-            return list(self.moe_blocks)
-        if spec == "all":
-            return list(range(depth))
-        if not isinstance(spec, list) or not all(-depth <= int(i) < depth for i in spec):
-            raise ValueError(
-                f"model.prompt.modulation must be 'all', 'moe', 'none' or a list of block "
-                f"indexes in [-{depth}, {depth}), got {spec!r}"
-            )
-        return sorted({int(i) % depth for i in spec})
+    def _modulated_blocks(self, spec: str, depth: int) -> list[int]:
+        if spec not in MODULATION:
+            raise ValueError(f"model.prompt.modulation must be one of {MODULATION}, got {spec!r}")
+        return {"all": list(range(depth)), "moe": list(self.moe_blocks), "none": []}[spec]
 
     # -- properties ---------------------------------------------------------------------------
     @property

@@ -1,8 +1,10 @@
 """The label cache: teacher pseudo-labels stored in shards, keyed by image content hash.
 
 Layout of a cache folder:
-    meta.json         what produced the labels: teacher, prompts, grid, dense mode,
-                      temperature, threshold. A run with other settings is refused.
+    meta.json         what produced the labels: teacher (its description and a sha256 of its
+                      weights), prompts, grid, dense mode, temperature, threshold. A run with
+                      other settings, or another teacher's weights, is refused.
+    lock              held (flock) by the one writer at a time; holds its pid.
     manifest.json     the finished shards, in order. Rewritten (atomically) after each shard.
     shards/shard-NNNNNN.safetensors
                       parts (n, gh, gw) int8, part_confidence (n, gh, gw) fp16,
@@ -12,14 +14,18 @@ Layout of a cache folder:
 Every file is written through `clasp.atomic` (a temporary beside it, fsynced and renamed
 into place), and a shard counts only once the manifest names it: a run killed at any point
 leaves a readable cache, and the next run removes the temporaries and continues with the
-first unfinished shard. One labeler writes to a cache at a time; any number of readers may
-use it meanwhile.
+first unfinished shard. One labeler writes to a cache at a time: a second one waits for the
+lock, then reads the manifest the first left and adds what is still missing. Any number of
+readers may use the cache meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 from collections import OrderedDict
 
@@ -29,14 +35,19 @@ from safetensors.torch import save_file
 
 from clasp.atomic import TMP_MARK, atomic_open, atomic_path
 
+log = logging.getLogger("clasp.teacher")
+
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
 SHARD_DIR = "shards"
-# Settings that change the labels: a cache built with different values is refused.
+LOCK_FILE = "lock"
+# Settings that change the labels: a cache built with different values is refused. The
+# teacher is identified by its weights ("teacher" is only their description, which names
+# a folder or file that may hold other weights by now).
 SIGNATURE_KEYS = (
     "format",
-    "teacher",
+    "teacher_weights",
     "dense",
     "prompts",
     "image_size",
@@ -71,13 +82,41 @@ def _read_json(path: str):
 
 
 class LabelCacheWriter:
-    """Appends shards to a cache folder, creating it or checking that it matches `meta`."""
+    """Appends shards to a cache folder, creating it or checking that it matches `meta`.
 
-    def __init__(self, root: str, meta: dict):
+    Holds the cache's lock from construction to `close()` (or the end of a `with` block):
+    a second writer waits for it. overwrite: start the cache over, removing its labels
+    (meta.json, manifest.json and shards/; nothing else in the folder) instead of refusing
+    one made with other settings."""
+
+    def __init__(self, root: str, meta: dict, *, overwrite: bool = False):
         self.root = root
         meta = {"format": FORMAT_VERSION, **meta}
         os.makedirs(os.path.join(root, SHARD_DIR), exist_ok=True)
+        self._lock = _acquire(os.path.join(root, LOCK_FILE))
+        try:
+            self._open(meta, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the lock; the writer writes nothing more."""
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases its flock
+            self._lock = None
+
+    def __enter__(self) -> LabelCacheWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open(self, meta: dict, overwrite: bool) -> None:
+        root = self.root
         meta_path = os.path.join(root, META_FILE)
+        if overwrite:
+            self._remove_labels()
         if os.path.exists(meta_path):
             check_compatible(_read_json(meta_path), meta, root)
         else:
@@ -94,8 +133,18 @@ class LabelCacheWriter:
             self.done.update(keys)
             self.failed.update(failed)
 
+    def _remove_labels(self) -> None:
+        """Empty the cache: the manifest first, so a kill midway leaves an empty cache."""
+        for name in (MANIFEST_FILE, META_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.root, name))
+        shards = os.path.join(self.root, SHARD_DIR)
+        for name in os.listdir(shards):
+            if name.startswith("shard-") and name.endswith(".safetensors"):
+                os.remove(os.path.join(shards, name))
+
     def _remove_temporaries(self) -> None:
-        """Drop the half-written files of a killed run (one labeler writes a cache at a time)."""
+        """Drop the half-written files of a killed run (this writer holds the lock)."""
         for folder in (self.root, os.path.join(self.root, SHARD_DIR)):
             for name in os.listdir(folder):
                 if TMP_MARK in name:
@@ -132,6 +181,38 @@ class LabelCacheWriter:
         return path
 
 
+def _acquire(path: str):
+    """The lock file at path, opened and locked (flock) for this writer, with our pid in it.
+    Waits, saying so, while another process holds it. The kernel releases the lock when the
+    file closes or the process dies, so a killed writer never leaves a stale lock."""
+    lock = open(path, "a+")  # held until the writer closes
+    try:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            if holder == str(os.getpid()):
+                raise RuntimeError(
+                    f"this process already writes the label cache {os.path.dirname(path)}; "
+                    "close that LabelCacheWriter first"
+                ) from None
+            log.warning(
+                "the label cache %s is being written by another labeler (pid %s): waiting "
+                "for it to finish, then adding what it left unlabelled",
+                os.path.dirname(path), holder,
+            )  # fmt: skip
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
 def _shard_keys(path: str) -> tuple[list[str], dict[str, list[str]]]:
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata()
@@ -139,6 +220,17 @@ def _shard_keys(path: str) -> tuple[list[str], dict[str, list[str]]]:
 
 
 def check_compatible(stored: dict, wanted: dict, root: str) -> None:
+    """Raise CacheMismatchError naming what differs when `stored` (the cache's meta) and
+    `wanted` (this run's) would give other labels: another teacher, or other settings."""
+    way_out = (
+        "Write to a new --out folder, or pass --overwrite to start this cache over "
+        "(its labels are removed)."
+    )
+    if stored.get("teacher_weights") != wanted.get("teacher_weights"):
+        raise CacheMismatchError(
+            f"the label cache at {root} was made with another teacher: the cache's is "
+            f"{_teacher(stored)}, this run's is {_teacher(wanted)}. {way_out}"
+        )
     differences = [
         f"{key}: cache has {_short(stored.get(key))}, this run has {_short(wanted.get(key))}"
         for key in SIGNATURE_KEYS
@@ -148,8 +240,14 @@ def check_compatible(stored: dict, wanted: dict, root: str) -> None:
         raise CacheMismatchError(
             f"the label cache at {root} was built with other settings ("
             + "; ".join(differences)
-            + "). Write to a new --out folder, or delete this one to relabel."
+            + f"). {way_out}"
         )
+
+
+def _teacher(meta: dict) -> str:
+    weights = meta.get("teacher_weights")
+    digest = f"weights {weights[:19]}..." if weights else "weights not recorded"
+    return f"{meta.get('teacher', 'unknown')} ({digest})"
 
 
 def _short(value, limit: int = 120) -> str:

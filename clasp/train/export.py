@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,18 +35,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_task(text: str | None):
     if text is None or not text.strip().startswith("{"):
         return text
-    return {str(k): float(v) for k, v in json.loads(text).items()}
+    try:
+        return {str(k): float(v) for k, v in json.loads(text).items()}
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(
+            f"--task {text!r} is not a JSON mix of task weights like "
+            f'\'{{"reid": 0.7, "attributes": 0.3}}\' ({error})'
+        ) from None
 
 
 def main(args: argparse.Namespace) -> int:
+    # A missing, damaged or mismatched checkpoint, or an output that cannot be written,
+    # raises; `clasp.cli` says it in one line.
     from clasp.model import load_backbone, save_backbone
 
-    try:
-        task = parse_task(args.task)
-        backbone = load_backbone(args.checkpoint, task, weights=args.weights)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"clasp export: {error}", file=sys.stderr)
-        return 2
+    task = parse_task(args.task)
+    backbone = load_backbone(args.checkpoint, task, weights=args.weights)
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        os.makedirs(parent)
+        print(f"created {parent}")
     save_backbone(
         backbone,
         args.out,

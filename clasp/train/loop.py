@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,12 +31,15 @@ import yaml
 from tqdm import tqdm
 
 from clasp.atomic import atomic_open, remove_stale_temporaries
+from clasp.data.images import read_error
 
 from . import distributed
 from .checkpoint import (
     CHECKPOINT_NAME,
+    check_training_checkpoint,
     load_checkpoint,
     resolve_resume,
+    resume_mismatch,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -60,6 +64,8 @@ class TrainResult:
     stopped_by: str | None  # None when all steps ran, else the signal's name
     checkpoint: str | None  # the last checkpoint written
     records: list[dict] = field(default_factory=list)  # the metrics log
+    # unreadable files replaced by other samples in this run (all ranks): {path: times}
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
 def refuse_earlier_run(output_dir: str) -> None:
@@ -73,6 +79,20 @@ def refuse_earlier_run(output_dir: str) -> None:
             "continue it with --resume, replace it with --overwrite, or choose another "
             "output_dir"
         )
+
+
+def check_loop_config(config: dict) -> None:
+    """Raise ValueError naming the key when the loop's settings cannot run: optim.steps and
+    train.{log,plot,checkpoint}_every must be positive whole numbers."""
+    keys = ("optim.steps", "train.log_every", "train.plot_every", "train.checkpoint_every")
+    for section, key in (name.split(".") for name in keys):
+        value = config[section][key]
+        whole = isinstance(value, int | float) and not isinstance(value, bool) and value % 1 == 0
+        if not whole or value < 1:
+            what = "optimiser steps to run" if key == "steps" else "steps between them"
+            raise ValueError(
+                f"{section}.{key} must be a positive whole number ({what}), got {value!r}"
+            )
 
 
 def seed_everything(seed: int) -> None:
@@ -100,6 +120,7 @@ class TrainingLoop:
         collate: Callable | None = None,
         loss_keys: tuple[str, ...] = ("loss",),
     ):
+        check_loop_config(config)
         self.config, self.train_step, self.world = config, train_step, world
         self.dataset, self.sampler, self.collate = dataset, sampler, collate
         self.loss_keys = loss_keys
@@ -153,7 +174,11 @@ class TrainingLoop:
 
     def _restore(self, path: str) -> None:
         checkpoint = load_checkpoint(path)
-        self.train_step.load_state_dict(checkpoint)
+        check_training_checkpoint(checkpoint, path)
+        try:
+            self.train_step.load_state_dict(checkpoint)
+        except (RuntimeError, KeyError, ValueError) as error:  # missing / unexpected / shapes
+            raise resume_mismatch(path, checkpoint["config"], self.config, error) from error
         self.step = checkpoint["step"]
         self.epoch, self.batch_in_epoch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
         rngs = checkpoint["rng"]
@@ -187,6 +212,7 @@ class TrainingLoop:
             mininterval=0.1 if sys.stderr.isatty() else 30.0,  # in a log file: a line per 30 s
         )
         images_per_step = self.sampler.batch_size * self.world.size
+        skipped: Counter[str] = Counter()  # unreadable files other samples replaced
         last_checkpoint = None
         window_start, window_images = time.perf_counter(), 0
         self.train_step.train()
@@ -197,6 +223,7 @@ class TrainingLoop:
                     self.dataset, self.sampler, self.config, self.epoch, self.collate
                 )
                 for batch in loader:
+                    skipped.update(batch.get("skipped", ()))
                     rng_before = rng_state()
                     metrics, ok, stop = self.train_step(batch, self.step, self.stop_signal or 0)
                     if stop and self.stop_signal is None:
@@ -237,8 +264,24 @@ class TrainingLoop:
                 "stopped by %s after step %d; checkpoint saved to %s; continue with "
                 "train.resume=auto (or --resume)", stopped, self.step, last_checkpoint,
             )  # fmt: skip
+        skipped = sum(distributed.gather_objects(skipped), Counter())
+        if main and skipped:
+            self._report_skipped(skipped)
         records = self.metrics.records if self.metrics else []
-        return TrainResult(self.step, stopped, last_checkpoint, records)
+        return TrainResult(self.step, stopped, last_checkpoint, records, dict(skipped))
+
+    def _report_skipped(self, skipped: Counter, shown: int = 10) -> None:
+        """One warning at the end of a run: which files could not be read, and why."""
+        items = [
+            f"{path} ({read_error(path) or 'unreadable when it came round'}, {n}x)"
+            for path, n in skipped.most_common(shown)
+        ]
+        more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
+        log.warning(
+            "%d unreadable file(s) were replaced by other samples %d time(s) in this run: "
+            "%s%s; fix or remove them", len(skipped), sum(skipped.values()), "; ".join(items),
+            more,
+        )  # fmt: skip
 
     def plot(self) -> None:
         plot_losses(self.metrics.records, os.path.join(self.output_dir, "losses.png"))

@@ -7,7 +7,8 @@
 Writes to output_dir: config.yaml (the merged config), checkpoint.pt (every
 train.checkpoint_every steps, on SIGINT/SIGTERM and at the end), metrics.jsonl and
 losses.png. Exit status: 0 when training ran to the end or stopped on a signal with a
-checkpoint saved, 2 for a bad config or data, 3 when a loss became NaN/Inf.
+checkpoint saved, 2 for a bad config, data, checkpoint or output folder (one line saying
+what to do; see `clasp.cli`), 3 when a loss became NaN/Inf.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 log = logging.getLogger("clasp.train")
 
@@ -50,19 +50,13 @@ def main(args: argparse.Namespace) -> int:
     from .config import build_config
     from .trainer import NonFiniteLossError, train
 
-    try:
-        config = build_config(args.config, args.overrides, args.resume, args.overwrite)
-    except (KeyError, ValueError, FileNotFoundError) as error:
-        print(f"clasp pretrain: {error}", file=sys.stderr)
-        return 2
+    # A bad config, data, checkpoint or output folder raises; `clasp.cli` says it in one line.
+    config = build_config(args.config, args.overrides, args.resume, args.overwrite)
     try:
         result = train(config)
     except NonFiniteLossError as error:
         log.error("%s", error)
         return 3
-    except (ValueError, FileNotFoundError) as error:
-        print(f"clasp pretrain: {error}", file=sys.stderr)
-        return 2
     if rank == 0 and result.stopped_by is None:
         last = result.records[-1] if result.records else {}
         log.info(

@@ -9,6 +9,7 @@ from typing import TypedDict
 import torch
 
 from clasp.data.build import build_dataset
+from clasp.data.images import open_error_reason
 from clasp.data.transforms import MultiCrop
 
 from .data import EpochSeededDataset, ResumableSampler
@@ -80,18 +81,57 @@ class PretrainDataset(EpochSeededDataset):
         return result
 
 
-def build_pretrain_data(config: dict, rank: int, world_size: int, patch_size: int):
-    """(PretrainDataset, ResumableSampler, label cache or None) from a training config."""
-    data, crops, model = config["data"], config["crops"], config["model"]
+def check_data_config(config: dict) -> None:
+    """Raise ValueError naming the key when a data or crops setting cannot work."""
+    data, crops = config["data"], config["crops"]
+    for key, value, minimum in (
+        ("data.batch_size", data["batch_size"], 1),
+        ("data.num_workers", data["num_workers"], 0),
+        ("crops.n_global", crops["n_global"], 1),
+        ("crops.n_local", crops["n_local"], 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{key} must be a whole number >= {minimum}, got {value!r}")
     if not data["root"]:
         raise ValueError("data.root is not set: point it at a folder of person images")
+
+
+def label_keys(paths: list[str]) -> tuple[list[str | None], dict[str, str]]:
+    """The label-cache key (sha256) of each file, None for a file that cannot be read, and
+    {path: reason} of those: the dataset replaces them when they come round."""
+    from clasp.teacher.cache import file_sha256
+
+    keys, unreadable = [], {}
+    for path in paths:
+        try:
+            keys.append(file_sha256(path))
+        except OSError as error:
+            keys.append(None)
+            unreadable[path] = open_error_reason(path, error)
+    return keys, unreadable
+
+
+def build_pretrain_data(config: dict, rank: int, world_size: int, patch_size: int):
+    """(PretrainDataset, ResumableSampler, label cache or None) from a training config.
+    Unreadable images are replaced by readable ones when they come round, without a warning
+    each time (the training loop reports them at the end of the run)."""
+    data, crops, model = config["data"], config["crops"], config["model"]
+    check_data_config(config)
     dataset = build_dataset(data["format"], data["root"], data["split"], on_error="replace")
+    dataset.warn_each_failure = False
     cache = keys = None
     if data["labels"]:
-        from clasp.teacher.cache import LabelCache, file_sha256
+        from clasp.teacher.cache import LabelCache
 
         cache = LabelCache(data["labels"])
-        keys = [file_sha256(path) for path in dataset.paths]
+        keys, unreadable = label_keys(dataset.paths)
+        if unreadable and rank == 0:
+            shown = "; ".join(f"{p} ({r})" for p, r in list(unreadable.items())[:5])
+            more = f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+            log.warning(
+                "%d of %d images under %s cannot be read and will be replaced by others: "
+                "%s%s", len(unreadable), len(keys), data["root"], shown, more,
+            )  # fmt: skip
         covered = sum(key in cache for key in keys)
         log.info(
             "pseudo-labels from %s: %d of %d images labelled (%d parts, %d attributes)",

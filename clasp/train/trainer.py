@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from clasp.data.collate import collate_samples
+from clasp.model.vit import check_model_config, model_config
 
 from . import distributed
-from .loop import NonFiniteLossError, TrainingLoop, TrainResult
-from .pretrain_data import build_pretrain_data
+from .loop import NonFiniteLossError, TrainingLoop, TrainResult, check_loop_config
+from .pretrain_data import build_pretrain_data, check_data_config
 from .step import LOSS_TERMS, PretrainStep
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "train"]
@@ -18,6 +19,10 @@ class Trainer(TrainingLoop):
     """Pre-training: the CLASP data and `PretrainStep` in the shared `TrainingLoop`."""
 
     def __init__(self, config: dict, world: distributed.World | None = None):
+        # Settings that cannot run fail here, before the data is hashed or a model built.
+        check_loop_config(config)
+        check_data_config(config)
+        check_model_config(model_config(config["model"]))
         world = world or distributed.setup(config["distributed"]["backend"])
         if config["train"]["deterministic"]:
             torch.use_deterministic_algorithms(True)

@@ -1,5 +1,7 @@
 """Every image mode becomes upright 8-bit RGB; unreadable files fail with the path named."""
 
+import errno
+import os
 import struct
 import zlib
 
@@ -7,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clasp.data.images import ImageReadError, list_images, read_rgb
+from clasp.data import images
+from clasp.data.images import ImageReadError, list_images, read_error, read_rgb
 
 
 def write_png_rgb16(path, array: np.ndarray) -> None:
@@ -127,11 +130,38 @@ def test_unreadable_files_raise_with_path(tmp_path, content):
     with pytest.raises(ImageReadError) as error:
         read_rgb(str(path))
     assert str(path) in str(error.value) and error.value.reason
+    assert "BytesIO" not in error.value.reason and " at 0x" not in error.value.reason
+    assert read_error(str(path)) == error.value.reason
+    if content == b"":
+        assert error.value.reason == "empty file (0 bytes)"
+    if content == b"this is not an image at all":
+        assert error.value.reason.startswith("not an image file PIL can identify")
 
 
-def test_missing_file_and_folder_errors_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        read_rgb(str(tmp_path / "missing.jpg"))
+def _open_denied(path, *args, **kwargs):
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+
+def test_files_that_cannot_be_opened_are_unreadable_with_the_reason(tmp_path, monkeypatch):
+    missing = tmp_path / "missing.jpg"
+    with pytest.raises(ImageReadError, match="missing.jpg: FileNotFoundError: No such file"):
+        read_rgb(str(missing))
+    link = tmp_path / "link.jpg"
+    link.symlink_to(tmp_path / "moved.jpg")
+    with pytest.raises(ImageReadError) as error:
+        read_rgb(str(link))
+    assert error.value.reason == f"dangling symbolic link (to {tmp_path / 'moved.jpg'})"
+    # Tests run as root, whom chmod 000 does not stop: open() fails as it does for others.
+    readable = tmp_path / "denied.png"
+    Image.new("RGB", (4, 4)).save(readable)
+    assert read_error(str(readable)) is None
+    monkeypatch.setattr(images, "open", _open_denied, raising=False)  # read_rgb's open()
+    with pytest.raises(ImageReadError) as error:
+        read_rgb(str(readable))
+    assert error.value.reason == "PermissionError: Permission denied"
+
+
+def test_missing_folder_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing_dir"):
         list_images(str(tmp_path / "missing_dir"))
     (tmp_path / "file.txt").write_text("x")

@@ -161,23 +161,34 @@ def test_label_cache_reader_api(straight_run, peta_folder, tiny_teacher_dir):
     assert cache.meta["dense"] == "maskclip" and cache.grid_size == (8, 8)
 
 
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clasp label: ") and "\n" not in err, err
+    return err
+
+
 def test_label_refuses_a_cache_built_with_other_settings(
-    straight_run, peta_folder, tiny_teacher_dir
+    straight_run, peta_folder, tiny_teacher_dir, capsys
 ):
     out = straight_run[0]
-    messages = run_label(label_args(peta_folder, out, tiny_teacher_dir, "--dense", "plain"), 2)
-    assert any('dense: cache has "maskclip", this run has "plain"' in m for m in messages)
-    messages = run_label(label_args(peta_folder, out, tiny_teacher_dir, "--threshold", "0.3"), 2)
-    assert any("threshold: cache has 0.1, this run has 0.3" in m for m in messages)
+    capsys.readouterr()
+    run_label(label_args(peta_folder, out, tiny_teacher_dir, "--dense", "plain"), 2)
+    assert 'dense: cache has "maskclip", this run has "plain"' in one_line_error(capsys)
+    run_label(label_args(peta_folder, out, tiny_teacher_dir, "--threshold", "0.3"), 2)
+    assert "threshold: cache has 0.1, this run has 0.3" in one_line_error(capsys)
     assert len(LabelCache(out)) == len(LabelCache(straight_run[0]))
 
 
-def test_label_fails_at_once_on_missing_weights_or_images(peta_folder, tmp_path, monkeypatch):
+def test_label_fails_at_once_on_missing_weights_or_images(
+    peta_folder, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = str(tmp_path / "cache")
-    messages = run_label(["label", "--images", peta_folder, "--out", out, "--no-progress"], 2)
-    assert any("'ViT-B-16'" in m and "'openai'" in m and "--pretrained" in m for m in messages)
+    capsys.readouterr()
+    run_label(["label", "--images", peta_folder, "--out", out, "--no-progress"], 2)
+    err = one_line_error(capsys)
+    assert "'ViT-B-16'" in err and "'openai'" in err and "--pretrained" in err
     assert not os.path.exists(out)
     missing = str(tmp_path / "nowhere")
-    messages = run_label(["label", "--images", missing, "--out", out, "--no-progress"], 2)
-    assert messages == [f"image folder not found: {missing}"]
+    run_label(["label", "--images", missing, "--out", out, "--no-progress"], 2)
+    assert one_line_error(capsys) == f"clasp label: image folder not found: {missing}"
