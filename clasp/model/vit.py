@@ -42,6 +42,10 @@ MODEL_DEFAULTS = {
         "normalize": True,  # LayerNorm the mixed prompt (see clasp.model.prompts)
         "routing": True,  # the prompt shifts the router logits of every PC-MoE block
         "modulation": "all",  # blocks whose input the prompt modulates: all | moe | none
+        # Per-task routing priors: at initialisation, task i's prompt adds this many logits to
+        # experts i*k .. i*k+k-1 (mod E) of every PC-MoE block ("generic" to none), so tasks
+        # start on experts of their own; 0: a random prompt projection.
+        "routing_prior": 0.0,
     },
     "kernels": "auto",  # auto | triton | reference: route and moe_mlp implementation
     "moe": {
@@ -197,6 +201,7 @@ class ClaspViT(nn.Module):
                 backend=cfg["kernels"],
             )
             self.vit.blocks[i] = PCMoEBlock(self.vit.blocks[i], layer)
+        self.init_routing_priors()
         self.modulated_blocks = self._modulated_blocks(conditioning["modulation"], depth)
         self.modulation = nn.ModuleDict(
             {str(i): PromptModulation(prompt_dim, dim) for i in self.modulated_blocks}
@@ -204,6 +209,24 @@ class ClaspViT(nn.Module):
         self.default_task: TaskSpec = None
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
+
+    @torch.no_grad()
+    def init_routing_priors(self) -> None:
+        """Set each PC-MoE block's prompt projection so that task i's (normalised) prompt
+        gives its routing prior (see MODEL_DEFAULTS["prompt"]["routing_prior"]): the
+        least-norm w_prompt with prompts(one_hot(i)) @ w_prompt = prior[i]. Call it again
+        after changing the prompt embeddings (e.g. `TaskPrompts.init_from_text`)."""
+        strength = float(self.config["prompt"]["routing_prior"])
+        layers = [layer for layer in self.moe_layers if layer.w_prompt is not None]
+        if strength == 0 or not layers:
+            return
+        prompts = self.prompts(torch.eye(len(self.tasks))).float()  # (n_tasks, prompt_dim)
+        for layer in layers:
+            E, k = layer.num_experts, layer.top_k
+            prior = torch.zeros(len(self.tasks), E)
+            for i, task in enumerate(t for t in self.tasks if t != "generic"):
+                prior[self.tasks.index(task), [(i * k + j) % E for j in range(k)]] = strength
+            layer.w_prompt.copy_(torch.linalg.pinv(prompts) @ prior)
 
     def _modulated_blocks(self, spec: str, depth: int) -> list[int]:
         if spec not in MODULATION:

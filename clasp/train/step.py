@@ -77,6 +77,7 @@ class PretrainStep:
 
         teacher = load_teacher(source["teacher"], source["pretrained"])
         model.backbone.prompts.init_from_text(teacher.encode_text)
+        model.backbone.init_routing_priors()
         log.info("task prompts initialised from %s text embeddings", teacher.description)
 
     def _optimizer(self) -> torch.optim.Optimizer:
