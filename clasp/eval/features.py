@@ -38,7 +38,14 @@ def load_encoder(
     """A CLASP backbone in eval mode: `checkpoint` is an exported .safetensors file or a
     training checkpoint (`weights`: its "student" or EMA "teacher"), or "random" for the
     randomly initialised baseline built from `config` (a model or training YAML;
-    initialised from `seed`, so every run builds the same weights)."""
+    initialised from `seed`, so every run builds the same weights), or "colour-histogram"
+    for the HSV stripe-histogram baseline of re-ID (`clasp.eval.colour_histogram`)."""
+    from .colour_histogram import NAME as COLOUR_HISTOGRAM
+
+    if checkpoint == COLOUR_HISTOGRAM:
+        from .colour_histogram import ColourHistogramEncoder
+
+        return ColourHistogramEncoder().to(device).eval()
     if checkpoint == RANDOM:
         if config is None:
             raise ValueError("--checkpoint random needs --config FILE (the model to build)")

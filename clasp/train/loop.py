@@ -84,8 +84,10 @@ def seed_everything(seed: int) -> None:
 class TrainingLoop:
     """Runs `train_step` over `dataset` in `sampler`'s order until config optim.steps.
 
-    Reads from the config: seed, output_dir, optim.steps and train.{log_every, plot_every,
-    checkpoint_every, resume, overwrite, progress}. `collate` batches the dataset's samples.
+    Reads from the config: seed, output_dir, optim.steps and train.{log_every, plot_every
+    (0: no loss plot), checkpoint_every, resume, overwrite, progress, tensorboard (optional:
+    the metrics also as TensorBoard events in output_dir/tensorboard)}. `collate` batches the
+    dataset's samples.
     A new run never replaces an earlier run's checkpoint or metrics unless train.overwrite.
     """
 
@@ -124,7 +126,11 @@ class TrainingLoop:
             with atomic_open(os.path.join(self.output_dir, "config.yaml")) as f:
                 yaml.safe_dump(config, f, sort_keys=False)
             metrics_path = os.path.join(self.output_dir, "metrics.jsonl")
-            self.metrics = MetricsLog(metrics_path, self.step if resume else None)
+            tensorboard = (
+                os.path.join(self.output_dir, "tensorboard")
+                if config["train"].get("tensorboard") else None
+            )  # fmt: skip
+            self.metrics = MetricsLog(metrics_path, self.step if resume else None, tensorboard)
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self, rng: dict | None = None) -> dict | None:
@@ -215,7 +221,7 @@ class TrainingLoop:
                              "images_per_s": rate}
                         )  # fmt: skip
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.1f}")
-                        if self.step % train["plot_every"] == 0:
+                        if train["plot_every"] and self.step % train["plot_every"] == 0:
                             self.plot()
                     bar.update(1)
                     done = self.step >= self.total_steps
@@ -230,7 +236,9 @@ class TrainingLoop:
             bar.close()
             self._restore_signal_handlers(previous)
             if main:
-                self.plot()
+                if train["plot_every"]:
+                    self.plot()
+                self.metrics.close()
         stopped = signal.Signals(self.stop_signal).name if self.stop_signal else None
         if main and stopped:
             log.warning(
@@ -241,7 +249,8 @@ class TrainingLoop:
         return TrainResult(self.step, stopped, last_checkpoint, records)
 
     def plot(self) -> None:
-        plot_losses(self.metrics.records, os.path.join(self.output_dir, "losses.png"))
+        path = os.path.join(self.output_dir, "losses.png")
+        plot_losses(self.metrics.records, path, self.loss_keys)
 
     def _stop_non_finite(self, metrics: dict, rng_before: dict) -> None:
         # Nothing was updated in this step: the model, optimiser, EMA and center are the state
