@@ -119,7 +119,9 @@ def coco_keypoint_ap(ground_truth: dict, detections: list[dict], sigmas=COCO_SIG
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {n: float(v) for n, v in zip(names, evaluator.stats, strict=True)}
+    # pycocotools writes -1 for an area range without people: not a score, so NaN here
+    stats = [float(v) if v >= 0 else float("nan") for v in evaluator.stats]
+    return dict(zip(names, stats, strict=True))
 
 
 class PoseRecipe(Recipe):

@@ -291,10 +291,12 @@ def _from_foreign(path, state, config_path, model_overrides, container) -> Initi
     state = {k: v for k, v in state.items() if k.removeprefix("vit.") not in IGNORED_FOREIGN}
     config, grid = _model_overrides(model_config(config_path), model_overrides)
     backbone = ClaspViT(config)
-    if "prompts.embedding" not in state:  # a plain ViT has no prompts: keep them random
+    no_prompts = "prompts.embedding" not in state
+    if no_prompts:  # a plain ViT has no prompts: keep them random
         state["prompts.embedding"] = backbone.prompts.embedding.detach().clone()
-        log.warning("%s has no task prompts; they start from a random initialisation", path)
     state = _check_fit(backbone, state, path, what, config_path, grid)
+    if no_prompts:
+        log.warning("%s has no task prompts; they start from a random initialisation", path)
     backbone.load_state_dict(state, strict=True)
     return Initial(backbone, None, None, None, f"{path} ({describe_state(state)})")
 
