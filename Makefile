@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench lint clean finetune-table
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -p no:xdist -q -o python_files="bench_*.py"
 	$(PY) benchmarks/report.py
+
+# The README's fine-tuning table from a demo folder: make finetune-table DEMO=runs/demo
+DEMO ?= runs/demo
+finetune-table: $(STAMP)
+	$(PY) benchmarks/finetune_table.py --demo $(DEMO) --out $(DEMO)/finetune-table
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

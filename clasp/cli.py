@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("clasp.train.pretrain", "pre-train a PC-MoE ViT backbone (DDP under torchrun)"),
     "export": ("clasp.train.export", "export a checkpoint's backbone to a safetensors file"),
     "eval": ("clasp.eval.cli", "evaluate frozen features: re-ID, attributes, parsing, pose"),
+    "finetune": ("clasp.finetune.cli", "fine-tune a backbone: re-ID, attributes, parsing, pose"),
     "teacher": ("clasp.teacher.cli", "fit a small open_clip teacher offline (clasp teacher fit)"),
     "demo": (
         "clasp.demo.cli",

@@ -20,12 +20,13 @@ FLOORS = [
     ("clasp.losses",),
     ("clasp.train",),
     ("clasp.eval",),
+    ("clasp.finetune",),
     ("clasp.demo", "clasp.cli", "clasp.__main__"),
 ]
 # Modules that only hold a command (`add_arguments` / `main`): only the dispatcher imports them.
 COMMAND_MODULES = {
     "clasp.eval.cli", "clasp.teacher.cli", "clasp.demo.cli", "clasp.train.pretrain",
-    "clasp.train.export",
+    "clasp.train.export", "clasp.finetune.cli",
 }  # fmt: skip
 DISPATCHERS = {"clasp.cli", "clasp.__main__"}
 # (importer, imported): why the exception stands.

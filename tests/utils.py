@@ -6,6 +6,7 @@ set, a label cache made from its ground truth, and a tiny training config."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 
@@ -268,3 +269,45 @@ def tiny_config(synth_root: str, output_dir: str, labels: str | None = None, **s
     for section, values in sections.items():
         overrides += [f"{section}.{k}={v}" for k, v in values.items()]
     return build_config(None, overrides)
+
+
+# -- `clasp finetune` in this process -----------------------------------------------------------
+
+# Fast settings for every test run: few steps, no progress bar and no loss plot.
+FAST = [
+    "data.batch_size=8",
+    "optim.warmup_steps=2",
+    "train.progress=false",
+    "train.plot_every=0",
+    "train.log_every=1",
+    "augment.pad=2",
+]
+
+
+def finetune(
+    recipe,
+    data,
+    fmt,
+    out=None,
+    *overrides,
+    checkpoint="random",
+    model=None,
+    eval_only=False,
+    extra=(),
+) -> dict:
+    """`clasp finetune RECIPE ...` in this process; returns its result.json."""
+    from clasp.cli import main as clasp_main
+
+    argv = ["finetune", recipe, "--checkpoint", checkpoint, "--data", data, "--format", fmt]
+    argv += ["--config", model] if model else []
+    argv += ["--out", str(out)] if out is not None else []
+    argv += ["--eval-only"] if eval_only else []
+    argv += [*extra, *FAST, *overrides]
+    assert clasp_main(argv) == 0
+    with open(os.path.join(str(out), "result.json")) as f:
+        return json.load(f)
+
+
+def records(out) -> list[dict]:
+    with open(os.path.join(str(out), "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

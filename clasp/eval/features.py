@@ -36,10 +36,17 @@ def load_encoder(
     device: str | torch.device = "cpu",
 ):
     """A CLASP backbone in eval mode: `checkpoint` is an exported .safetensors file or a
-    training checkpoint (`weights`: its "student" or EMA "teacher"), or "random"
+    training checkpoint (`weights`: its "student" or EMA "teacher"), "random"
     (`clasp.RANDOM_WEIGHTS`) for the randomly initialised baseline built from `config` (a
     model or training YAML, or a packaged config's name; initialised from `seed`, so every
-    run builds the same weights)."""
+    run builds the same weights), or "colour-histogram" for the HSV stripe-histogram
+    baseline of re-ID (`clasp.eval.colour_histogram`)."""
+    from .colour_histogram import NAME as COLOUR_HISTOGRAM
+
+    if checkpoint == COLOUR_HISTOGRAM:
+        from .colour_histogram import ColourHistogramEncoder
+
+        return ColourHistogramEncoder().to(device).eval()
     if checkpoint == RANDOM_WEIGHTS:
         if config is None:
             raise ValueError(

@@ -57,6 +57,25 @@ def reid_metrics(
     q = F.normalize(query.double(), dim=1)
     g = F.normalize(gallery.double(), dim=1)
     distance = 1.0 - q @ g.T  # (Q, G) cosine distance
+    return retrieval_metrics(
+        distance, query_pids, query_cameras, gallery_pids, gallery_cameras, ranks
+    )
+
+
+def retrieval_metrics(
+    distance: torch.Tensor,
+    query_pids: torch.Tensor,
+    query_cameras: torch.Tensor,
+    gallery_pids: torch.Tensor,
+    gallery_cameras: torch.Tensor,
+    ranks: tuple[int, ...] = (1, 5, 10),
+) -> dict:
+    """`reid_metrics` from a (Q, G) distance matrix (smaller is nearer), e.g. a re-ranked one."""
+    if distance.shape != (len(query_pids), len(gallery_pids)):
+        raise ValueError(
+            f"distance {tuple(distance.shape)} must be (queries {len(query_pids)}, gallery "
+            f"{len(gallery_pids)})"
+        )
     order = torch.argsort(distance, dim=1, stable=True)
     g_pids, g_cams = gallery_pids.long()[order], gallery_cameras.long()[order]
     q_pids, q_cams = query_pids.long()[:, None], query_cameras.long()[:, None]
@@ -66,7 +85,7 @@ def reid_metrics(
 
     cmc = torch.zeros(len(ranks), dtype=torch.float64)
     ap_sum, valid = 0.0, 0
-    for i in range(q.shape[0]):
+    for i in range(distance.shape[0]):
         hits = matches[i][keep[i]].double()  # relevance in rank order, removed entries dropped
         n_hits = hits.sum()
         if n_hits == 0 or query_pids[i] < 0:
@@ -82,9 +101,9 @@ def reid_metrics(
     for k, value in zip(ranks, cmc.tolist(), strict=True):
         out[f"rank{k}"] = value / valid if valid else nan
     out.update(
-        num_queries=int(q.shape[0]),
+        num_queries=int(distance.shape[0]),
         num_valid_queries=valid,
-        num_skipped_queries=int(q.shape[0]) - valid,
+        num_skipped_queries=int(distance.shape[0]) - valid,
     )
     return out
 

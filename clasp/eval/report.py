@@ -15,7 +15,7 @@ def json_ready(value):
     if isinstance(value, torch.Tensor):
         return json_ready(value.tolist())
     if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_ready(v) for v in value]
     return value

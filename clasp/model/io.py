@@ -42,6 +42,13 @@ def read_checkpoint(path: str) -> dict:
     that is not a torch checkpoint, or one that holds pickled objects (a whole nn.Module)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # neither a zip nor a pickle
+        raise CheckpointError(
+            f"cannot read {path}: it is not a torch checkpoint (no zip or pickle header); "
+            "pass a file written by torch.save, or a complete copy of it"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -165,7 +172,7 @@ def load_backbone(
         raise FileNotFoundError(f"no backbone file at {path}")
     if weights not in ("student", "teacher"):
         raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
-    if _is_safetensors(path):
+    if is_safetensors(path):
         state, config = read_export(path)
         default_task = config.pop("default_task")
         config = with_legacy_prompt(config)
@@ -201,7 +208,7 @@ def load_backbone(
             f"{path}: {what} does not describe a backbone ({reason}); the file was edited or "
             "written by another version: export or train it again"
         ) from error
-    mismatch = _state_mismatch(export_names(backbone.state_dict()), export_names(state))
+    mismatch = state_mismatch(export_names(backbone.state_dict()), export_names(state))
     if mismatch:
         raise CheckpointError(
             f"{path}: its weights do not fit {what} ({mismatch}); the file was edited or "
@@ -214,7 +221,7 @@ def load_backbone(
     return backbone.to(device).eval()
 
 
-def _state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+def state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
     """'' when `found` has exactly `expected`'s keys and shapes, else what differs (a few
     names of each kind)."""
 
@@ -229,13 +236,13 @@ def _state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Te
         for k in sorted(expected.keys() & found.keys())
         if found[k].shape != expected[k].shape
     ]
-    parts = [f"missing {some(missing)}"] if missing else []
-    parts += [f"unexpected {some(unexpected)}"] if unexpected else []
-    parts += [f"other shapes: {some(shapes)}"] if shapes else []
+    parts = [f"{len(missing)} missing: {some(missing)}"] if missing else []
+    parts += [f"{len(unexpected)} unexpected: {some(unexpected)}"] if unexpected else []
+    parts += [f"{len(shapes)} of other shapes: {some(shapes)}"] if shapes else []
     return "; ".join(parts)
 
 
-def _is_safetensors(path: str) -> bool:
+def is_safetensors(path: str) -> bool:
     """By content: a safetensors file starts with its JSON header's 8-byte length and '{';
     a torch checkpoint is a zip or a pickle. A damaged file named .safetensors counts as
     one, so that its error says what it is."""

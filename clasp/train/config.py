@@ -90,6 +90,9 @@ DEFAULTS = {
         # On a small or shared CPU, 1 thread plus data workers on the other cores is faster
         # than threads competing with the workers.
         "cpu_threads": None,
+        # Also write the metrics as TensorBoard events to output_dir/tensorboard (needs the
+        # tensorboard package: pip install 'clasp-triton[tensorboard]').
+        "tensorboard": False,
     },
     "distributed": {
         "strategy": "ddp",  # ddp | fsdp (CUDA; shards parameters, grads and optimiser state)

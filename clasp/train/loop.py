@@ -83,16 +83,19 @@ def refuse_earlier_run(output_dir: str) -> None:
 
 def check_loop_config(config: dict) -> None:
     """Raise ValueError naming the key when the loop's settings cannot run: optim.steps and
-    train.{log,plot,checkpoint}_every must be positive whole numbers."""
-    keys = ("optim.steps", "train.log_every", "train.plot_every", "train.checkpoint_every")
-    for section, key in (name.split(".") for name in keys):
+    train.{log,checkpoint}_every must be positive whole numbers, train.plot_every a whole
+    number (0: no loss plot)."""
+    keys = {
+        "optim.steps": 1, "train.log_every": 1, "train.plot_every": 0, "train.checkpoint_every": 1,
+    }  # fmt: skip
+    for name, least in keys.items():
+        section, key = name.split(".")
         value = config[section][key]
         whole = isinstance(value, int | float) and not isinstance(value, bool) and value % 1 == 0
-        if not whole or value < 1:
+        if not whole or value < least:
             what = "optimiser steps to run" if key == "steps" else "steps between them"
-            raise ValueError(
-                f"{section}.{key} must be a positive whole number ({what}), got {value!r}"
-            )
+            kind = "positive whole number" if least else "whole number (0: none)"
+            raise ValueError(f"{section}.{key} must be a {kind} ({what}), got {value!r}")
 
 
 def seed_everything(seed: int) -> None:
@@ -104,8 +107,10 @@ def seed_everything(seed: int) -> None:
 class TrainingLoop:
     """Runs `train_step` over `dataset` in `sampler`'s order until config optim.steps.
 
-    Reads from the config: seed, output_dir, optim.steps and train.{log_every, plot_every,
-    checkpoint_every, resume, overwrite, progress}. `collate` batches the dataset's samples.
+    Reads from the config: seed, output_dir, optim.steps and train.{log_every, plot_every
+    (0: no loss plot), checkpoint_every, resume, overwrite, progress, tensorboard (optional:
+    the metrics also as TensorBoard events in output_dir/tensorboard)}. `collate` batches the
+    dataset's samples.
     A new run never replaces an earlier run's checkpoint or metrics unless train.overwrite.
     """
 
@@ -145,7 +150,11 @@ class TrainingLoop:
             with atomic_open(os.path.join(self.output_dir, "config.yaml")) as f:
                 yaml.safe_dump(config, f, sort_keys=False)
             metrics_path = os.path.join(self.output_dir, "metrics.jsonl")
-            self.metrics = MetricsLog(metrics_path, self.step if resume else None)
+            tensorboard = (
+                os.path.join(self.output_dir, "tensorboard")
+                if config["train"].get("tensorboard") else None
+            )  # fmt: skip
+            self.metrics = MetricsLog(metrics_path, self.step if resume else None, tensorboard)
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self, rng: dict | None = None) -> dict | None:
@@ -242,7 +251,7 @@ class TrainingLoop:
                              "images_per_s": rate}
                         )  # fmt: skip
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.1f}")
-                        if self.step % train["plot_every"] == 0:
+                        if train["plot_every"] and self.step % train["plot_every"] == 0:
                             self.plot()
                     bar.update(1)
                     done = self.step >= self.total_steps
@@ -257,7 +266,9 @@ class TrainingLoop:
             bar.close()
             self._restore_signal_handlers(previous)
             if main:
-                self.plot()
+                if train["plot_every"]:
+                    self.plot()
+                self.metrics.close()
         stopped = signal.Signals(self.stop_signal).name if self.stop_signal else None
         if main and stopped:
             log.warning(
@@ -284,7 +295,8 @@ class TrainingLoop:
         )  # fmt: skip
 
     def plot(self) -> None:
-        plot_losses(self.metrics.records, os.path.join(self.output_dir, "losses.png"))
+        path = os.path.join(self.output_dir, "losses.png")
+        plot_losses(self.metrics.records, path, self.loss_keys)
 
     def _stop_non_finite(self, metrics: dict, rng_before: dict) -> None:
         # Nothing was updated in this step: the model, optimiser, EMA and center are the state

@@ -80,8 +80,11 @@ def test_an_export_whose_config_does_not_fit_its_weights(
     save_file(tensors, edited, metadata={**meta, "config": json.dumps({**config, "depth": 3})})
     err = _eval(capsys, str(edited), synth_root)
     # depth 3 puts the MoE (moe.blocks [-1]) in block 2: block 1's MoE weights do not fit
-    assert "its weights do not fit the model config stored with them (missing blocks." in err
-    assert "unexpected blocks.1.mlp.b1" in err and "export or train it again" in err
+    assert (
+        "its weights do not fit the model config stored with them (" in err
+        and " missing: blocks." in err
+    )
+    assert " unexpected: blocks.1.mlp.b1" in err and "export or train it again" in err
     save_file(tensors, edited, metadata={**meta, "config": json.dumps({**config, "num_heads": 5})})
     err = _eval(capsys, str(edited), synth_root)
     assert "does not describe a backbone (model.embed_dim 32 must be divisible" in err
