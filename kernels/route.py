@@ -396,6 +396,13 @@ def route(
         fp64 inputs. weights, probs_mean and z_loss are differentiable with respect to x,
         w_gate and prompt_bias. Autocast does not apply: both backends compute from the
         inputs as given.
+
+    Non-finite input: a token whose logits are not all finite (a NaN or infinite value in
+    its row of x, in its sample's prompt_bias, or a NaN in w_gate, which reaches every
+    token) still gets valid experts, 0..top_k-1, so counts sum to T * top_k and every
+    sorted slot is written; its weights are NaN, so NaN reaches that token's MoE output,
+    and probs_mean and z_loss are NaN, as are the gradients through that token. Both
+    backends give the same experts, grouping and NaN positions.
     """
     _check_inputs(x, w_gate, prompt_bias, top_k)
     B, N, _ = x.shape
