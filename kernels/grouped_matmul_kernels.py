@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import interpreter_active
+from .utils import autotune_enabled, device_properties, interpreter_active
 
 ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 
@@ -44,21 +44,35 @@ GEMM_CONFIGS = _INTERPRETER_CONFIGS if interpreter_active() else _CUDA_CONFIGS
 MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in GEMM_CONFIGS)
 
 
+def pipeline_buffers(num_stages: int, capability: int) -> int:
+    """Operand buffers Triton allocates in shared memory for a num_stages-deep software
+    pipeline: num_stages on Hopper (capability 90), num_stages - 1 on earlier GPUs, whose
+    pipeline loads one stage straight into registers (compiled and read off the cubin:
+    `benchmarks/compile_report.py`)."""
+    return num_stages if capability >= 90 else max(1, num_stages - 1)
+
+
+def operand_footprint(config: triton.Config, element_size: int, capability: int) -> int:
+    """Shared-memory bytes of a GEMM config's pipelined A and B tiles."""
+    kw = config.kwargs
+    tiles = kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]
+    return tiles * element_size * pipeline_buffers(config.num_stages, capability)
+
+
 def _fits_shared_memory(configs, named_args, **kwargs):
-    """Drop configs whose operand pipeline (stages x both tiles) exceeds the device's shared
-    memory for this dtype, instead of timing launches that cannot start."""
+    """Drop configs whose operand pipeline exceeds the device's shared memory for this dtype,
+    instead of timing launches that cannot start. With CLASP_AUTOTUNE=0 keep only the first
+    that fits: one compile per kernel variant, no timing (the compiled tests' setting)."""
     operand = next(iter(named_args.values()))
-    properties = triton.runtime.driver.active.utils.get_device_properties(operand.device.index)
-    element_size, limit = operand.element_size(), properties["max_shared_mem"]
+    element_size = operand.element_size()
+    device = device_properties(operand.device)
 
     def footprint(c):
-        tiles = (
-            c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"]
-        )
-        return tiles * element_size * c.num_stages
+        return operand_footprint(c, element_size, device.capability)
 
-    fitting = [c for c in configs if footprint(c) <= limit]
-    return fitting or [min(configs, key=footprint)]
+    fitting = [c for c in configs if footprint(c) <= device.max_shared_mem]
+    fitting = fitting or [min(configs, key=footprint)]
+    return fitting if autotune_enabled() else fitting[:1]
 
 
 PRUNE = {"early_config_prune": _fits_shared_memory}

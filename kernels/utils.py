@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 
@@ -21,6 +22,12 @@ _poison = False
 def interpreter_active() -> bool:
     """True when Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    """False under CLASP_AUTOTUNE=0: every autotuned kernel keeps one config (the first that
+    fits the device), so a run compiles each variant once and times nothing extra."""
+    return os.environ.get("CLASP_AUTOTUNE", "1") != "0"
 
 
 def dtype_names(dtypes, last_separator: str = ", ") -> str:
@@ -84,15 +91,53 @@ def autocast_inputs(device_type: str, *tensors: torch.Tensor | None):
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceProperties:
+    """What the launchers size grids and prune tile configurations by."""
+
+    sm_count: int  # streaming multiprocessors
+    max_shared_mem: int  # bytes of shared memory one program may use (the opt-in limit)
+    capability: int  # compute capability as 10 * major + minor: 80 (A100), 90 (H100)
+
+
+# The GPU that launches on the "meta" device are compiled for (see `ahead_of_time_target`).
+_ahead_of_time: DeviceProperties | None = None
+
+
+@contextlib.contextmanager
+def ahead_of_time_target(properties: DeviceProperties):
+    """Within this block, kernels launched on "meta" tensors are sized and pruned for
+    `properties`: how `benchmarks/compile_report.py` compiles the launches of a GPU that
+    is not there."""
+    global _ahead_of_time
+    previous, _ahead_of_time = _ahead_of_time, properties
+    try:
+        yield
+    finally:
+        _ahead_of_time = previous
+
+
 @functools.cache
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _cuda_properties(device_index: int) -> DeviceProperties:
+    p = torch.cuda.get_device_properties(device_index)
+    return DeviceProperties(
+        p.multi_processor_count, p.shared_memory_per_block_optin, 10 * p.major + p.minor
+    )
+
+
+def device_properties(device: torch.device) -> DeviceProperties:
+    """Properties of a CUDA device (cached), or of the ahead-of-time target for "meta"."""
+    if device.type == "meta":
+        if _ahead_of_time is None:
+            raise RuntimeError("meta tensors reach the kernels only under ahead_of_time_target()")
+        return _ahead_of_time
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_properties(index)
 
 
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached): the kernels size grids by it."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _multiprocessor_count(index)
+    """Streaming multiprocessors of the device: the kernels size grids by it."""
+    return device_properties(device).sm_count
 
 
 def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...]) -> None:
