@@ -18,8 +18,9 @@ the loop (a backward branch) with the most tensor-core instructions (HGMMA = wgm
 sm_90, HMMA = mma.sync), else the largest one; async copies are LDGSTS (cp.async) and
 UTMALDG / UBLKCP (TMA). Configs that compile to the same SASS are marked duplicates.
 
---quick compiles one variant per hot kernel (fc1, act-bwd, dw1, router forward) with its
-largest kept tile: the check `tests/kernels/test_compile_report.py` runs. TRITON_INTERPRET
+--quick compiles one variant per hot kernel (fc1, act-bwd, wgrad, router forward) at its
+largest kept tile and its largest accumulator per thread: the check
+`tests/kernels/test_compile_report.py` runs. TRITON_INTERPRET
 must not be set (the interpreter replaces the compiler); the script unsets it for itself.
 """
 
@@ -144,13 +145,13 @@ def role(kernel: str, constexprs: dict) -> str:
             return "fc1"
         return "fc2" if constexprs.get("GATE") else "dx"
     if kernel == "_grouped_wgrad_kernel":
-        return "dw1" if constexprs.get("GATHER_A") else "dw2"
+        return "wgrad"  # dw1 and dw2: the same specialisation
     return kernel.strip("_").removesuffix("_kernel")
 
 
 # Hot kernels (role): --quick compiles one variant of each; GEMMs must use tensor cores.
-HOT = ("fc1", "grouped_mm_act_bwd", "dw1", "route_fwd")
-GEMM_ROLES = ("fc1", "fc2", "dx", "dw1", "dw2", "grouped_mm_act_bwd")
+HOT = ("fc1", "grouped_mm_act_bwd", "wgrad", "route_fwd")
+GEMM_ROLES = ("fc1", "fc2", "dx", "wgrad", "grouped_mm_act_bwd")
 
 
 class _Launch:
@@ -194,7 +195,7 @@ def _expand(launch: _Launch):
         yield inner, launch.args, kwargs, config
 
 
-def collect(arch: str, dtype: torch.dtype, kernels=None) -> list[dict]:
+def collect(arch: str, dtype: torch.dtype, kernels=None, workloads_like=None) -> list[dict]:
     """Bound, deduplicated compile jobs of every launch at the benchmark shapes."""
     target = GPUTarget("cuda", TARGETS[arch].capability, 32)
     backend = make_backend(target)
@@ -202,6 +203,8 @@ def collect(arch: str, dtype: torch.dtype, kernels=None) -> list[dict]:
     with ahead_of_time_target(TARGETS[arch]):
         for workloads in WORKLOADS:
             for name, run in workloads(dtype):
+                if workloads_like and not any(w in name for w in workloads_like):
+                    continue
                 launches: list[_Launch] = []
                 with _caught_launches(launches, name):
                     run()
@@ -355,8 +358,8 @@ def _compile_index(i: int) -> dict:
 
 
 def quick_jobs(jobs: list[dict]) -> list[dict]:
-    """Per hot role and arch: the first variant, at its largest kept tile (the most
-    register pressure)."""
+    """Per hot role and arch, the first variant at its two most register-hungry kept
+    configs: the largest tile, and the largest accumulator per thread (tile / warps)."""
     picked = []
     for arch in sorted({j["arch"] for j in jobs}):
         for hot in HOT:
@@ -365,7 +368,9 @@ def quick_jobs(jobs: list[dict]) -> list[dict]:
                 continue
             first = variant_text(candidates[0]["named"])
             same = [j for j in candidates if variant_text(j["named"]) == first]
-            picked.append(max(same, key=lambda j: (j["tile"], j["stages"])))
+            largest = max(same, key=lambda j: (j["tile"], j["stages"]))
+            per_thread = max(same, key=lambda j: (j["tile"] / j["warps"], j["tile"]))
+            picked += [largest] + ([per_thread] if per_thread is not largest else [])
     return picked
 
 
@@ -414,7 +419,7 @@ def warm(args) -> int:
         print("compile_report --warm: needs the CUDA device to compile for")
         return 2
     TARGETS["native"] = device_properties(torch.device("cuda"))
-    jobs = [j for d in args.dtype for j in collect("native", DTYPES[d], args.kernel)]
+    jobs = [j for d in args.dtype for j in collect("native", DTYPES[d], args.kernel, args.workload)]
     _JOBS[:] = jobs
     start = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
@@ -430,6 +435,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write one record per kernel variant and kept config")
     parser.add_argument("--quick", action="store_true", help="one variant per hot kernel")
     parser.add_argument("--kernel", nargs="+", help="only these @triton.jit functions")
+    parser.add_argument("--workload", nargs="+", help="only workloads whose name has one of these")
     parser.add_argument("--jobs", type=int, default=1, help="compile in N processes")
     parser.add_argument(
         "--warm",

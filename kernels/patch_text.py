@@ -28,6 +28,7 @@ from .utils import (
     FLOAT_DTYPES,
     check_same_device,
     check_tensor,
+    derived_operand,
     interpreter_active,
     new_output,
     use_triton,
@@ -140,6 +141,8 @@ def _block_c(C: int) -> int:
 
 def _text_operand(text: torch.Tensor, patch_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     """Normalised text as the kernel reads it: (parts, D, BLOCK_C), zero-padded classes.
+    About eight small torch ops: `patch_text_labels` keeps the result per text tensor
+    (`derived_operand`), so calls with the same, unchanged text skip them.
 
     Half-precision patches get two parts, hi and lo, in the patches' dtype (see module doc);
     fp32 patches and every dtype under the interpreter (whose bf16 arithmetic is wrong) get
@@ -176,7 +179,10 @@ def _patch_text_labels_op(
     probs = new_output((B, N, C) if return_probs else (0,), torch.float32, patches.device)
     if M == 0:
         return labels, confidence, probs
-    text_operand, split = _text_operand(text, patches.dtype)
+    text_operand, split = derived_operand(
+        text, ("patch_text", patches.dtype, interpreter_active()),
+        lambda: _text_operand(text, patches.dtype),
+    )  # fmt: skip
     # Without tensor cores in the interpreter, any precision is exact fp32.
     precision = "ieee" if interpreter_active() else "tf32x3"
     config = _launch_config(D)

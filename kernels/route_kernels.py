@@ -107,8 +107,9 @@ def _route_fwd_kernel(
         d_ok = d < D
         x_mask = row_ok[:, None] & d_ok[None, :]
         x = tl.load(x_rows[:, None] + d[None, :] * stride_xd, mask=x_mask, other=0.0)
+        # w is padded to BLOCK_E zero columns (`_gate_operand`): whole, aligned rows.
         w_offsets = d[:, None] * stride_wd + cols[None, :] * stride_we
-        w_mask = d_ok[:, None] & col_ok[None, :]
+        w_mask = d_ok[:, None]
         w = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
         if HALF_DOT:
             acc = tl.dot(x, w, acc)
@@ -365,7 +366,7 @@ def _route_bwd_logits_kernel(
             d_ok = d < D
             # (BLOCK_E, BLOCK_D) tile of w^T.
             wt_offsets = cols[:, None] * stride_we + d[None, :] * stride_wd
-            wt_mask = col_ok[:, None] & d_ok[None, :]
+            wt_mask = d_ok[None, :]  # padded to BLOCK_E zero columns
             wt = tl.load(w_ptr + wt_offsets, mask=wt_mask, other=0.0)
             if HALF_DOT:
                 dx = tl.dot(dl_hi, wt)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
 import os
+import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 BACKENDS = ("auto", "triton", "reference")
 # What the Triton kernels take; every op also takes fp64 (the dtype of exact tests), which
@@ -155,6 +161,40 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     if len(devices) > 1:
         where = ", ".join(f"{k} on {v.device}" for k, v in named.items())
         raise ValueError(f"all inputs must be on one device, got {where}")
+
+
+# Kernel operands derived from a tensor (padded, split or normalised copies), by source.
+_DERIVED_CACHE_SIZE = 16
+_derived: collections.OrderedDict = collections.OrderedDict()
+
+
+def derived_operand(source: torch.Tensor, tag: tuple, build: Callable[[], T]) -> T:
+    """build(), a kernel operand computed from `source` alone, reused while `source` is
+    unchanged: the same live tensor object (checked through a weak reference, so a new
+    tensor that reuses a freed one's id or memory never matches), at the same version
+    counter (in-place writes bump it), data pointer, dtype, shape and strides. Built afresh
+    for inference tensors (no version counter), while a CUDA graph is captured, and under
+    torch.compile tracing. `tag` names what is derived (and from which settings)."""
+    if (
+        source.is_inference()
+        or torch.compiler.is_compiling()
+        or (source.is_cuda and torch.cuda.is_current_stream_capturing())
+    ):
+        return build()
+    key = (id(source), tag)
+    state = (
+        source._version, source.data_ptr(), source.dtype, source.device,
+        tuple(source.shape), source.stride(),
+    )  # fmt: skip
+    hit = _derived.get(key)
+    if hit is not None and hit[0]() is source and hit[1] == state:
+        _derived.move_to_end(key)
+        return hit[2]
+    value = build()
+    _derived[key] = (weakref.ref(source), state, value)
+    while len(_derived) > _DERIVED_CACHE_SIZE:
+        _derived.popitem(last=False)
+    return value
 
 
 @contextlib.contextmanager

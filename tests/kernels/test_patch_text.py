@@ -256,3 +256,17 @@ def test_patch_text_labels_rejects_bad_dtype_and_devices():
         patch_text_labels(torch.randn(1, 2, 4), torch.randn(3, 4), torch.tensor(0.1))
     with pytest.raises(ValueError, match="one device"):
         patch_text_labels(torch.randn(1, 2, 4), torch.randn(3, 4, device="meta"), 0.1)
+
+
+def test_patch_text_labels_follow_text_changed_in_place(device):
+    """The normalised text is kept per text tensor between calls: writing into the text
+    must not leave the labels of the old text behind."""
+    patches = randn(2, 30, 32, device=device)
+    text = randn(4, 32, device=device)
+    first = patch_text_labels(patches, text, 0.05, return_probs=True, backend="triton")
+    again = patch_text_labels(patches, text, 0.05, return_probs=True, backend="triton")
+    assert torch.equal(first.probs, again.probs)
+    text.copy_(randn(4, 32, device=device))
+    changed = patch_text_labels(patches, text, 0.05, return_probs=True, backend="triton")
+    assert_close(changed.probs, _ref_probs(patches, text, 0.05), torch.float32)
+    assert not torch.allclose(changed.probs, first.probs)
