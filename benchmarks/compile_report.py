@@ -22,6 +22,9 @@ UTMALDG / UBLKCP (TMA). Configs that compile to the same SASS are marked duplica
 largest kept tile and its largest accumulator per thread: the check
 `tests/kernels/test_compile_report.py` runs. TRITON_INTERPRET
 must not be set (the interpreter replaces the compiler); the script unsets it for itself.
+
+Just under 500 lines: the op launches it replays, the capture and binding of launches, the
+SASS reading and the table form one tool with one command line.
 """
 
 from __future__ import annotations

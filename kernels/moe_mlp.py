@@ -6,10 +6,16 @@ public op, built on the grouped GEMMs of `grouped_matmul.py`.
 Forward is two grouped GEMMs over the expert-sorted slots: the first gathers token rows
 x[slot // k] and fuses bias and activation; the second fuses bias, gate weight and the
 scatter back to slot order, and the k slots of each token are summed in a fixed order (for
-k = 1 the second GEMM writes token rows directly). Backward is one fused GEMM through the
-second layer and the activation, two weight-gradient GEMMs (x^T dy per expert) and one
-GEMM for dx, summed per token in the same fixed order: every result is bitwise the same
-from run to run. No launch reads a device value on the host.
+k = 1 the second GEMM writes token rows directly). Backward: one pass copies x and dy rows
+into expert order (and takes the b2 terms), one fused GEMM goes through the second layer
+and the activation (its epilogue also sums db1 per tile), two weight-gradient GEMMs stream
+the expert-ordered rows, and one GEMM gives dx, summed per token in the same fixed order:
+every result is bitwise the same from run to run. No launch reads a device value on the
+host.
+
+Just over 400 lines: the launchers of the backward's gather, activation backward and slot
+sum beside the two custom ops and their autograd Function; the jit bodies are already in
+`moe_mlp_kernels.py`.
 """
 
 from __future__ import annotations
@@ -24,13 +30,8 @@ from .grouped_matmul import (
     launch_grouped_wgrad,
     launch_sum_tile_partials,
 )
-from .grouped_matmul_kernels import (
-    ACT_BWD_BLOCK_M,
-    ACTIVATION_CODES,
-    MIN_BLOCK_N,
-    dot_dtype,
-    dot_precision,
-)
+from .grouped_matmul_configs import ACT_BWD_BLOCK_M, MIN_BLOCK_N
+from .grouped_matmul_kernels import ACTIVATION_CODES, dot_dtype, dot_precision
 from .moe_mlp_kernels import _gather_rows_kernel, _grouped_mm_act_bwd_kernel, _sum_slots_kernel
 from .reference import ACTIVATIONS
 from .types import Routing

@@ -1,8 +1,8 @@
 """Triton kernels that only `moe_mlp` launches (from `moe_mlp.py`): the backward's gather of
 token rows into expert order (with the b2 terms), the activation backward fused into a GEMM
 through the second layer, and the fixed-order sum of each token's k slots.
-They share the tile schedule, activations and autotune configurations of the grouped GEMMs in
-`grouped_matmul_kernels.py`.
+They share the tile schedule and activations of the grouped GEMMs in `grouped_matmul_kernels.py`
+and their autotune configurations (`grouped_matmul_configs.py`).
 """
 
 from __future__ import annotations
@@ -10,15 +10,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .grouped_matmul_configs import ACT_BWD_CONFIGS, PRUNE, epilogue_split
 from .grouped_matmul_kernels import (
-    ACT_BWD_CONFIGS,
-    PRUNE,
     _activation,
     _activation_grad,
     _column_halves,
     _swizzle,
     _tile_segment,
-    epilogue_split,
 )
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import triton
-from clasp.kernels import grouped_matmul_kernels as gmk
+from clasp.kernels import grouped_matmul_configs as gmk
 from clasp.kernels.utils import DeviceProperties, ahead_of_time_target, derived_operand
 
 
