@@ -66,6 +66,7 @@ from clasp.kernels.utils import (  # noqa: E402
     ahead_of_time_target,
     device_properties,
 )
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
@@ -215,6 +216,11 @@ def collect(arch: str, dtype: torch.dtype, kernels=None, workloads_like=None) ->
                     for fn, args, kwargs, _ in _expand(launch):
                         if kernels and fn.__name__ not in kernels:
                             continue
+                        # As JITFunction.run does before binding, so options (and with
+                        # them the cache keys --warm writes) equal a real launch's.
+                        kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+                        if hasattr(knobs.compilation, "instrumentation_mode"):
+                            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
                         binder = create_function_from_signature(fn.signature, fn.params, backend)
                         bound, specialization, options = binder(*args, **kwargs)
                         options, signature, constexprs, attrs = fn._pack_args(

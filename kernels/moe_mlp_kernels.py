@@ -178,7 +178,7 @@ def _act_bwd_chunks(
         "EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
         # Its epilogue keeps more per element live (pre, act, act', two outputs): 16.
         "EPILOGUE_SPLIT": lambda args: epilogue_split(
-            args["BLOCK_M"], args["BLOCK_N"], args.get("num_warps", 4), values=16
+            args["BLOCK_M"], args["BLOCK_N"], args.get("num_warps", 4), values=8
         ),
     }
 )
