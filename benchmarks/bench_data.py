@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from harness import write_results
+from harness import append_result
 from torch.utils.data import DataLoader
 
 from clasp.data.build import build_dataset
@@ -112,7 +112,7 @@ def test_data_loader_multicrop(synth_set, benchmark, device, peaks):
         synth_images_per_minute_one_core=generated_per_minute,
     )
     benchmark.extra_info.update(entry)
-    path = write_results(device, peaks, [entry])
+    path = append_result(device, peaks, entry)
     print(
         f"\ndata loader: {images_per_s:.0f} images/s with {WORKERS} workers "
         f"({one_process:.0f} images/s in one process; {cpu_seconds / per_epoch * 1e3:.2f} ms CPU "

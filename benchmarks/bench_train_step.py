@@ -91,3 +91,4 @@ def test_train_step(name, batch, backend, device, measure):
         flops=flops,
     )
     entry["images_per_s"] = batch / (entry["median_ms"] / 1e3)
+    measure.update(entry)

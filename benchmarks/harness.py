@@ -8,15 +8,19 @@ the same session: copy bandwidth for memory-bound ops, dense matmul rate for GEM
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
 import re
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 
 import pytest
 import torch
+
+from clasp.atomic import write_json
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BACKENDS = ("triton", "eager", "compile")
@@ -92,6 +96,24 @@ def median_seconds(
     return times[len(times) // 2]
 
 
+# Plain timings under this also get a CUDA-graph timing: for small ops the host's launch
+# work (custom op, autograd, allocations, Triton's launcher) can be most of the plain time.
+GRAPH_BELOW_S = 1e-3
+
+
+def graph_median_seconds(fn) -> tuple[float | None, str | None]:
+    """Median time of fn() replayed from a captured CUDA graph, or (None, why not): ops
+    that synchronise with the host (e.g. `.tolist()`, `bincount`) cannot be captured."""
+    import triton.testing
+
+    try:
+        ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except Exception as error:  # capture fails in many ways, all meaning "not capturable"
+        torch.cuda.synchronize()
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    return ms / 1e3, None
+
+
 def measure_peaks(device: torch.device) -> Peaks:
     if device.type == "cuda":
         n_bytes, n, dtype = 1 << 30, 8192, torch.bfloat16
@@ -123,7 +145,29 @@ def run_benchmark(benchmark, fn, device: torch.device) -> float:
     return seconds
 
 
-def environment(device: torch.device, peaks: Peaks) -> dict:
+def driver_version(device: torch.device) -> str | None:
+    """The NVIDIA driver's version (nvidia-smi), else the CUDA driver API version."""
+    if device.type != "cuda":
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        version = torch._C._cuda_getDriverVersion()
+        return f"CUDA driver API {version // 1000}.{version % 1000 // 10}"
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@functools.cache
+def environment(device: torch.device) -> dict:
+    """Device, driver and library versions: written into every entry and the file."""
     try:
         import triton
 
@@ -132,12 +176,12 @@ def environment(device: torch.device, peaks: Peaks) -> dict:
         triton_version = None
     return {
         "device": device_name(device),
+        "driver": driver_version(device),
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "python": platform.python_version(),
-        "peaks": asdict(peaks),
     }
 
 
@@ -151,20 +195,39 @@ def result_key(entry: dict) -> tuple:
     )
 
 
-def write_results(device: torch.device, peaks: Peaks, entries: list[dict]) -> str:
-    """Merge entries into results/<device>-<date>.json (a rerun replaces matching entries).
+def results_path(device: torch.device) -> str:
+    """$CLASP_RESULTS_FILE, else <$CLASP_RESULTS_DIR or results/>/<device>-<date>.json."""
+    if os.environ.get("CLASP_RESULTS_FILE"):
+        return os.environ["CLASP_RESULTS_FILE"]
+    directory = os.environ.get("CLASP_RESULTS_DIR") or RESULTS_DIR
+    return os.path.join(directory, f"{device_slug(device)}-{environment(device)['date']}.json")
 
-    The file-level peaks are the latest run's; each entry keeps the peak it was divided by."""
-    env = environment(device, peaks)
-    path = os.path.join(RESULTS_DIR, f"{device_slug(device)}-{env['date']}.json")
-    merged = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            merged = {result_key(e): e for e in json.load(f).get("results", [])}
-    merged.update({result_key(e): e for e in entries})
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({**env, "results": list(merged.values())}, f, indent=1)
-    os.replace(tmp, path)
+
+def _read(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def append_result(device: torch.device, peaks: Peaks, entry: dict) -> str:
+    """Merge one entry into the results file now (a rerun replaces the matching entry), so
+    a run cut off later keeps everything measured so far. The file-level peaks are the
+    latest session's; each entry keeps the peak it was divided by."""
+    path = results_path(device)
+    data = _read(path)
+    merged = {result_key(e): e for e in data.get("results", [])}
+    merged[result_key(entry)] = entry
+    data.update(environment(device), peaks=asdict(peaks), results=list(merged.values()))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json(path, data)
     return path
+
+
+def record_section(path: str, name: str, value, env: dict) -> None:
+    """Store a non-benchmark section (e.g. the kernel tests' outcome) in a results file,
+    with the `environment` it was measured in."""
+    data = _read(path)
+    data.update({k: v for k, v in env.items() if k not in data}, **{name: value})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json(path, data)

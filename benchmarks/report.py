@@ -11,8 +11,10 @@ import sys
 
 from harness import RESULTS_DIR
 
-COLUMNS = ("op", "shape", "dtype", "mode", "backend", "ms", "rate", "of peak", "vs eager")
-RIGHT = {"ms", "rate", "of peak", "vs eager"}
+COLUMNS = (
+    "op", "shape", "dtype", "mode", "backend", "ms", "graph ms", "rate", "of peak", "vs eager",
+)  # fmt: skip
+RIGHT = {"ms", "graph ms", "rate", "of peak", "vs eager"}
 
 
 def rate_text(entry: dict) -> str:
@@ -25,8 +27,15 @@ def rate_text(entry: dict) -> str:
     return "-"
 
 
+def graph_text(entry: dict) -> str:
+    if entry.get("graph_ms") is not None:
+        return f"{entry['graph_ms']:.3f}"
+    return "n/a" if "graph_error" in entry else "-"
+
+
 def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
-    """One row per entry, sorted by op, shape, mode and backend; speed-ups against eager."""
+    """One row per entry, sorted by op, shape, mode and backend; speed-ups against eager
+    (plain time against plain time). graph ms: the same call replayed from a CUDA graph."""
 
     def key(e):
         return (e["op"], json.dumps(e["shape"]), e["dtype"], e["mode"])
@@ -38,7 +47,7 @@ def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
         base = eager.get(key(e))
         out.append((
             e["op"], ",".join(f"{k}={v}" for k, v in e["shape"].items()), e["dtype"],
-            e["mode"], e["backend"], f"{e['median_ms']:.3f}", rate_text(e),
+            e["mode"], e["backend"], f"{e['median_ms']:.3f}", graph_text(e), rate_text(e),
             f"{e['fraction_of_peak']:.0%}", f"{base / e['median_ms']:.2f}x" if base else "-",
         ))  # fmt: skip
     return out
@@ -53,13 +62,27 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"no results in {RESULTS_DIR}: run `make bench` first")
     with open(path) as f:
         data = json.load(f)
-    peaks = data["peaks"]
-    print(f"{data['device']}  torch {data['torch']}  triton {data['triton']}  {data['date']}")
+    driver = f"  driver {data['driver']}" if data.get("driver") else ""
     print(
-        f"measured peaks: copy {peaks['copy_tbps'] * 1e3:.1f} GB/s, "
-        f"{peaks['matmul_dtype']} matmul {peaks['matmul_tflops']:.3f} TFLOP/s\n"
+        f"{data.get('device')}{driver}  torch {data.get('torch')}  triton {data.get('triton')}  "
+        f"{data.get('date')}"
     )
-    rows = table_rows(data["results"])
+    peaks = data.get("peaks")
+    if peaks:
+        print(
+            f"measured peaks: copy {peaks['copy_tbps'] * 1e3:.1f} GB/s, "
+            f"{peaks['matmul_dtype']} matmul {peaks['matmul_tflops']:.3f} TFLOP/s\n"
+        )
+    tests = data.get("kernel_tests")
+    if tests:
+        print(
+            f"kernel tests (compiled): {tests['passed']} passed, {tests['failed']} failed, "
+            f"{tests['skipped']} skipped, {tests['not_run']} not run\n"
+        )
+    rows = table_rows([e for e in data.get("results", []) if "median_ms" in e])
+    if not rows:
+        print("no benchmark rows")
+        return 0
     if markdown:
         print("| " + " | ".join(COLUMNS) + " |")
         print("| " + " | ".join("---:" if c in RIGHT else "---" for c in COLUMNS) + " |")

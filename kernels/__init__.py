@@ -13,8 +13,9 @@ File rule: one file per public op, named after it, holding that op's launchers,
 `route.py`, `moe_mlp.py`, `grouped_matmul.py`, `patch_text.py` (`patch_text_labels`) and
 `l2norm.py` (`l2_normalize`). Where an op's `@triton.jit` bodies are large they sit beside it
 in `<op>_kernels.py`: `route_kernels.py`, `grouped_matmul_kernels.py` (the grouped GEMMs,
-shared by `grouped_matmul` and `moe_mlp`, which also calls `grouped_matmul.py`'s launchers)
-and `moe_mlp_kernels.py` (the kernels only `moe_mlp` launches). Beside them: `reference.py`
+shared by `grouped_matmul` and `moe_mlp`, which also calls `grouped_matmul.py`'s launchers;
+their autotune configurations and shared-memory pruner in `grouped_matmul_configs.py`) and
+`moe_mlp_kernels.py` (the kernels only `moe_mlp` launches). Beside them: `reference.py`
 (every eager reference, same signatures, and `routing_metadata`), `types.py` (the return
 types `Routing` and `PatchLabels`) and `utils.py` (dispatch, argument checks, output
 poisoning).

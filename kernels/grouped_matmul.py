@@ -29,6 +29,7 @@ from .grouped_matmul_kernels import (
     _grouped_mm_kernel,
     _grouped_wgrad_kernel,
     _segment_sum_kernel,
+    _sum_tile_partials_kernel,
     dot_dtype,
     dot_precision,
 )
@@ -108,38 +109,22 @@ def launch_grouped_mm(
 
 
 def launch_grouped_wgrad(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    out: torch.Tensor,
-    offsets: torch.Tensor,
-    *,
-    slots: torch.Tensor | None = None,
-    top_k: int = 1,
-    gather_a: bool = False,
-    gather_b: bool = False,
-    gates: torch.Tensor | None = None,
-    bias_grad: torch.Tensor | None = None,
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, offsets: torch.Tensor
 ) -> None:
-    """out[e] = a_e^T @ b_e (E, Dm, Dn) over each expert's sorted rows; bias_grad[e] = the
-    column sums of b_e, each row scaled by gates[slots[r]] when gates are given. Rows are
-    gathered by slots[r] // top_k where asked."""
+    """out[e] = a_e^T @ b_e (E, Dm, Dn), a_e and b_e the rows offsets[e]:offsets[e+1] of a
+    (rows, Dm) and b (rows, Dn), both already in expert order."""
     E, Dm, Dn = out.shape
-    has_bias = bias_grad is not None
     grid = lambda meta: (  # noqa: E731
-        (triton.cdiv(Dm, meta["BLOCK_M"]) + has_bias) * triton.cdiv(Dn, meta["BLOCK_N"]),
+        triton.cdiv(Dm, meta["BLOCK_M"]) * triton.cdiv(Dn, meta["BLOCK_N"]),
         E,
     )
     _grouped_wgrad_kernel[grid](
         a,
         b,
         out,
-        bias_grad if bias_grad is not None else out,
         offsets,
-        slots if slots is not None else offsets,
-        gates if gates is not None else out,
         Dm,
         Dn,
-        top_k,
         a.stride(0),
         a.stride(1),
         b.stride(0),
@@ -147,13 +132,29 @@ def launch_grouped_wgrad(
         out.stride(0),
         out.stride(1),
         out.stride(2),
-        bias_grad.stride(0) if bias_grad is not None else 0,
-        GATHER_A=gather_a,
-        GATHER_B=gather_b,
-        BIAS_GRAD=bias_grad is not None,
-        GATE_BIAS=gates is not None,
         DOT_DTYPE=dot_dtype(a.dtype),
         DOT_PRECISION=dot_precision(),
+    )
+
+
+def launch_sum_tile_partials(
+    parts: torch.Tensor, out: torch.Tensor, offsets: torch.Tensor, tile_m: int
+) -> None:
+    """out[e] = the sum of parts' rows over expert e's M-tiles of tile_m rows (the tiles of
+    the grouped GEMMs' schedule), in ascending order; out (E, N), parts (tiles, N) fp32."""
+    E, N = out.shape
+    block_n = min(triton.next_power_of_2(N), 1024)
+    _sum_tile_partials_kernel[(E, triton.cdiv(N, block_n))](
+        parts,
+        out,
+        offsets,
+        N,
+        E,
+        parts.stride(0),
+        out.stride(0),
+        TILE_M=tile_m,
+        E_POW2=triton.next_power_of_2(E + 1),
+        BLOCK_N=block_n,
     )
 
 
@@ -202,7 +203,8 @@ def _grouped_matmul_bwd(
     if gather_idx is not None:
         launch_segment_sum(drows, gather_idx, dx)
     dw = new_output(w.shape, w.dtype, w.device)
-    launch_grouped_wgrad(x, dout, dw, offsets, slots=gather_idx, gather_a=gather_idx is not None)
+    rows = x if gather_idx is None else x.index_select(0, gather_idx)
+    launch_grouped_wgrad(rows, dout, dw, offsets)
     return dx, dw
 
 

@@ -1,11 +1,9 @@
 """Triton kernels of the grouped GEMMs, shared by `grouped_matmul` and `moe_mlp`: the forward
-GEMM with gather, scatter, bias, activation and gate epilogues; the per-expert weight-gradient
-GEMM; the fixed-order segment sum; and the tile schedule, activation and dot-type helpers and
-autotune configurations that `moe_mlp_kernels.py` reuses. Their launchers are in
-`grouped_matmul.py`, which `moe_mlp.py` calls too.
-
-Autotune configurations: a small set per architecture, pruned to those whose tiles fit the
-device's shared memory, and a single large-block one under the interpreter.
+GEMM with gather, scatter, bias, activation and gate epilogues (run in column chunks); the
+per-expert weight-gradient GEMM over expert-ordered rows; the per-expert sum of per-tile
+partials and the fixed-order segment sum; and the tile schedule, activation and dot-type
+helpers that `moe_mlp_kernels.py` reuses. Their launchers are in `grouped_matmul.py`, which
+`moe_mlp.py` calls too; their autotune configurations in `grouped_matmul_configs.py`.
 """
 
 from __future__ import annotations
@@ -14,54 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .grouped_matmul_configs import GEMM_CONFIGS, PRUNE, WGRAD_CONFIGS, epilogue_split
 from .utils import interpreter_active
 
 ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 
-# Hopper and Ampere: 64/128-row tiles, 128/256-column tiles, 64-deep K steps, 3-4 stages;
-# the two 32-deep ones fit fp32 operands into an A100's shared memory.
-_CUDA_CONFIGS = [
-    triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w
-    )
-    for bm, bn, bk, s, w in [
-        (128, 256, 64, 3, 8),
-        (128, 256, 64, 4, 8),
-        (128, 128, 64, 4, 8),
-        (128, 128, 64, 3, 4),
-        (64, 256, 64, 4, 8),
-        (64, 128, 64, 4, 4),
-        (128, 128, 32, 3, 8),
-        (64, 128, 32, 4, 4),
-    ]
-]
-# The interpreter runs one config (autotuning needs a device) and pays per program and K step,
-# so it gets large blocks; 64 still leaves several tiles for the tests' d, f < 128.
-_INTERPRETER_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4)
-]
-GEMM_CONFIGS = _INTERPRETER_CONFIGS if interpreter_active() else _CUDA_CONFIGS
-MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in GEMM_CONFIGS)
-
-
-def _fits_shared_memory(configs, named_args, **kwargs):
-    """Drop configs whose operand pipeline (stages x both tiles) exceeds the device's shared
-    memory for this dtype, instead of timing launches that cannot start."""
-    operand = next(iter(named_args.values()))
-    properties = triton.runtime.driver.active.utils.get_device_properties(operand.device.index)
-    element_size, limit = operand.element_size(), properties["max_shared_mem"]
-
-    def footprint(c):
-        tiles = (
-            c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"]
-        )
-        return tiles * element_size * c.num_stages
-
-    fitting = [c for c in configs if footprint(c) <= limit]
-    return fitting or [min(configs, key=footprint)]
-
-
-PRUNE = {"early_config_prune": _fits_shared_memory}
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -111,6 +66,13 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _column_halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The left and right column halves of a (BLOCK_M, BLOCK_N) tile."""
+    halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+    return tl.split(halves)
+
+
+@triton.jit
 def _tile_segment(offsets_ptr, pid_m, M, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
     """Segment owning M-tile `pid_m`: an expert e < E, E for the rows [offsets[E], M) past the
     last expert (written as zeros), or more than E when the tile is past every segment.
@@ -148,7 +110,14 @@ def _swizzle(M, N, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
     key=["N", "K", "GATHER", "SCATTER", "HAS_BIAS", "ACTIVATION", "STORE_PRE", "GATE"],
     prune_configs_by=PRUNE,
 )
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.heuristics(
+    {
+        "EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+        "EPILOGUE_SPLIT": lambda args: epilogue_split(
+            args["BLOCK_M"], args["BLOCK_N"], args.get("num_warps", 4)
+        ),
+    }
+)
 @triton.jit
 def _grouped_mm_kernel(
     a_ptr,
@@ -187,6 +156,7 @@ def _grouped_mm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,
 ):
     pid_m, pid_n = _swizzle(M, N, E, BLOCK_M, BLOCK_N, GROUP_M)
     expert, row_start, row_end = _tile_segment(offsets_ptr, pid_m, M, E, BLOCK_M, E_POW2)
@@ -230,40 +200,114 @@ def _grouped_mm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
+    gate = tl.zeros((BLOCK_M,), tl.float32)
+    if GATE:
+        gate = tl.load(gate_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
+    if SCATTER:
+        out_rows = slots.to(tl.int64) * stride_om
+    else:
+        out_rows = rows.to(tl.int64) * stride_om
+    # The pre-activation rows are contiguous: one 64-bit base, 32-bit offsets.
+    pre_ptr += row_start.to(tl.int64) * stride_pm
+    local = tl.arange(0, BLOCK_M)
+    bias_ptr += expert * stride_be
+    # The epilogue runs on column chunks of the accumulator (see `epilogue_split`).
+    _mm_epilogue_chunks(
+        acc, pid_n * BLOCK_N, local, out_rows, row_mask, N, gate, bias_ptr, pre_ptr, out_ptr,
+        stride_pm, stride_on, HAS_BIAS, STORE_PRE, ACTIVATION, GATE, BLOCK_M, BLOCK_N,
+        EPILOGUE_SPLIT,
+    )  # fmt: skip
+
+
+@triton.jit
+def _mm_epilogue_chunks(
+    acc,
+    first_col,
+    local_rows,
+    out_rows,
+    row_mask,
+    N,
+    gate,
+    bias_ptr,
+    pre_ptr,
+    out_ptr,
+    stride_pm,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    WIDTH: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """`_mm_epilogue` over the WIDTH columns from first_col, in SPLIT chunks (halving
+    recursively; the halves are register-level views of the accumulator)."""
+    if SPLIT == 1:
+        _mm_epilogue(
+            acc, first_col + tl.arange(0, WIDTH), local_rows, out_rows, row_mask, N, gate,
+            bias_ptr, pre_ptr, out_ptr, stride_pm, stride_on, HAS_BIAS, STORE_PRE,
+            ACTIVATION, GATE,
+        )  # fmt: skip
+    else:
+        a0, a1 = _column_halves(acc, BLOCK_M, WIDTH)
+        _mm_epilogue_chunks(
+            a0, first_col, local_rows, out_rows, row_mask, N, gate, bias_ptr, pre_ptr,
+            out_ptr, stride_pm, stride_on, HAS_BIAS, STORE_PRE, ACTIVATION, GATE, BLOCK_M,
+            WIDTH // 2, SPLIT // 2,
+        )  # fmt: skip
+        _mm_epilogue_chunks(
+            a1, first_col + WIDTH // 2, local_rows, out_rows, row_mask, N, gate, bias_ptr,
+            pre_ptr, out_ptr, stride_pm, stride_on, HAS_BIAS, STORE_PRE, ACTIVATION, GATE,
+            BLOCK_M, WIDTH // 2, SPLIT // 2,
+        )  # fmt: skip
+
+
+@triton.jit
+def _mm_epilogue(
+    acc,
+    cols,
+    local_rows,
+    out_rows,
+    row_mask,
+    N,
+    gate,
+    bias_ptr,
+    pre_ptr,
+    out_ptr,
+    stride_pm,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GATE: tl.constexpr,
+):
+    """One column chunk of `_grouped_mm_kernel`'s epilogue: + bias[e], the pre-activation
+    stored (tile-relative rows), activation, gate, store to the output rows (byte-free
+    element offsets `out_rows`, already multiplied by the row stride)."""
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + expert * stride_be + cols, mask=col_mask, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if STORE_PRE:
-        pre_offs = rows.to(tl.int64)[:, None] * stride_pm + cols[None, :]
+        pre_offs = local_rows[:, None] * stride_pm + cols[None, :]
         tl.store(pre_ptr + pre_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
     acc = _activation(acc, ACTIVATION)
     if GATE:
-        acc *= tl.load(gate_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-    if SCATTER:
-        out_rows = slots.to(tl.int64)
-    else:
-        out_rows = rows.to(tl.int64)
-    out_offs = out_rows[:, None] * stride_om + cols[None, :] * stride_on
+        acc *= gate[:, None]
+    out_offs = out_rows[:, None] + cols[None, :] * stride_on
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(
-    configs=GEMM_CONFIGS,
-    key=["Dm", "Dn", "GATHER_A", "GATHER_B", "BIAS_GRAD", "GATE_BIAS"],
-    prune_configs_by=PRUNE,
-)
+@triton.autotune(configs=WGRAD_CONFIGS, key=["Dm", "Dn"], prune_configs_by=PRUNE)
 @triton.jit
 def _grouped_wgrad_kernel(
     a_ptr,
     b_ptr,
     out_ptr,
-    bias_grad_ptr,
     offsets_ptr,
-    slots_ptr,
-    gate_ptr,
     Dm,
     Dn,
-    top_k,
     stride_am,
     stride_ak,
     stride_bm,
@@ -271,11 +315,6 @@ def _grouped_wgrad_kernel(
     stride_oe,
     stride_om,
     stride_on,
-    stride_ge,
-    GATHER_A: tl.constexpr,  # A row of sorted row r is slots[r] // top_k (else r)
-    GATHER_B: tl.constexpr,  # B row likewise
-    BIAS_GRAD: tl.constexpr,  # also sum B over the expert's rows
-    GATE_BIAS: tl.constexpr,  # ... with B row r scaled by gate[slots[r]] in that sum
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -284,71 +323,33 @@ def _grouped_wgrad_kernel(
     GROUP_M: tl.constexpr,
 ):
     """out[e] = A_e^T @ B_e over expert e's rows (zero for an empty expert): (Dm, Dn) per
-    expert, with A (rows, Dm) and B (rows, Dn); the rows are the reduction axis. With
-    BIAS_GRAD, programs past the GEMM tiles sum B over the rows into bias_grad[e], one per
-    column tile, which keeps the GEMM loop free of register uses of its operands."""
+    expert, with A (rows, Dm) and B (rows, Dn) both in expert order; the rows are the
+    reduction axis. The operands are contiguous row ranges (callers gather rows into
+    expert order first), so every load address is affine in the loop counter and the
+    software pipeline can prefetch num_stages tiles ahead: no index load in the loop."""
     expert = tl.program_id(1)
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(Dn, BLOCK_N)
-    num_tiles = tl.cdiv(Dm, BLOCK_M) * num_pid_n
-    lo = tl.load(offsets_ptr + expert)
-    hi = tl.load(offsets_ptr + expert + 1)
-    if BIAS_GRAD:
-        if pid >= num_tiles:
-            cols_n = (pid - num_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = cols_n < Dn
-            bias_acc = tl.zeros((BLOCK_N,), tl.float32)
-            for r0 in range(lo, hi, BLOCK_K):
-                rows = r0 + tl.arange(0, BLOCK_K)
-                row_mask = rows < hi
-                slots = tl.load(slots_ptr + rows, mask=row_mask, other=0)
-                if GATHER_B:
-                    b_rows = (slots // top_k).to(tl.int64)
-                else:
-                    b_rows = rows.to(tl.int64)
-                b = tl.load(
-                    b_ptr + b_rows[:, None] * stride_bm + cols_n[None, :] * stride_bn,
-                    mask=row_mask[:, None] & mask_n[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                if GATE_BIAS:
-                    b *= tl.load(gate_ptr + slots, mask=row_mask, other=0.0)[:, None]
-                bias_acc += tl.sum(b, axis=0)
-            bias_ptrs = bias_grad_ptr + expert * stride_ge + cols_n
-            tl.store(bias_ptrs, bias_acc.to(bias_grad_ptr.dtype.element_ty), mask=mask_n)
-            return
-
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
+    lo = tl.load(offsets_ptr + expert)
+    hi = tl.load(offsets_ptr + expert + 1)
     cols_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = cols_m < Dm
     mask_n = cols_n < Dn
+    ks = tl.arange(0, BLOCK_K)
+    rows = lo + ks
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + cols_m[None, :] * stride_ak
+    b_ptrs = b_ptr + rows.to(tl.int64)[:, None] * stride_bm + cols_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for r0 in range(lo, hi, BLOCK_K):
-        rows = r0 + tl.arange(0, BLOCK_K)
-        row_mask = rows < hi
-        if GATHER_A or GATHER_B:
-            slots = tl.load(slots_ptr + rows, mask=row_mask, other=0)
-        if GATHER_A:
-            a_rows = (slots // top_k).to(tl.int64)
-        else:
-            a_rows = rows.to(tl.int64)
-        if GATHER_B:
-            b_rows = (slots // top_k).to(tl.int64)
-        else:
-            b_rows = rows.to(tl.int64)
-        a = tl.load(
-            a_ptr + a_rows[:, None] * stride_am + cols_m[None, :] * stride_ak,
-            mask=row_mask[:, None] & mask_m[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + b_rows[:, None] * stride_bm + cols_n[None, :] * stride_bn,
-            mask=row_mask[:, None] & mask_n[None, :],
-            other=0.0,
-        )
+        row_mask = ks < hi - r0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & mask_m[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=row_mask[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_am
+        b_ptrs += BLOCK_K * stride_bm
     out_offs = cols_m[:, None] * stride_om + cols_n[None, :] * stride_on
     out_base = out_ptr + expert.to(tl.int64) * stride_oe
     tl.store(
@@ -356,6 +357,40 @@ def _grouped_wgrad_kernel(
         acc.to(out_ptr.dtype.element_ty),
         mask=mask_m[:, None] & mask_n[None, :],
     )
+
+
+@triton.jit
+def _sum_tile_partials_kernel(
+    parts_ptr,
+    out_ptr,
+    offsets_ptr,
+    N,
+    E,
+    stride_p,
+    stride_oe,
+    TILE_M: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out[e] = sum of parts[t] over the M-tiles t of expert e, t ascending (the tiles of
+    `_tile_segment` with TILE_M rows): bias gradients from per-tile column sums, in a fixed
+    order. An expert with no rows gets zeros."""
+    expert = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    seg = tl.arange(0, E_POW2)
+    lo = tl.load(offsets_ptr + seg, mask=seg < E, other=0)
+    hi = tl.load(offsets_ptr + seg + 1, mask=seg < E, other=0)
+    tiles = (hi - lo + TILE_M - 1) // TILE_M
+    first = tl.sum(tl.where(seg < expert, tiles, 0), 0)
+    count = tl.sum(tl.where(seg == expert, tiles, 0), 0)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    part_ptrs = parts_ptr + first.to(tl.int64) * stride_p + cols
+    for _ in range(count):
+        acc += tl.load(part_ptrs, mask=col_mask, other=0.0)
+        part_ptrs += stride_p
+    out_offs = expert.to(tl.int64) * stride_oe + cols
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit

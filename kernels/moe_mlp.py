@@ -6,10 +6,16 @@ public op, built on the grouped GEMMs of `grouped_matmul.py`.
 Forward is two grouped GEMMs over the expert-sorted slots: the first gathers token rows
 x[slot // k] and fuses bias and activation; the second fuses bias, gate weight and the
 scatter back to slot order, and the k slots of each token are summed in a fixed order (for
-k = 1 the second GEMM writes token rows directly). Backward is one fused GEMM through the
-second layer and the activation, two weight-gradient GEMMs (x^T dy per expert) and one
-GEMM for dx, summed per token in the same fixed order: every result is bitwise the same
-from run to run. No launch reads a device value on the host.
+k = 1 the second GEMM writes token rows directly). Backward: one pass copies x and dy rows
+into expert order (and takes the b2 terms), one fused GEMM goes through the second layer
+and the activation (its epilogue also sums db1 per tile), two weight-gradient GEMMs stream
+the expert-ordered rows, and one GEMM gives dx, summed per token in the same fixed order:
+every result is bitwise the same from run to run. No launch reads a device value on the
+host.
+
+Just over 400 lines: the launchers of the backward's gather, activation backward and slot
+sum beside the two custom ops and their autograd Function; the jit bodies are already in
+`moe_mlp_kernels.py`.
 """
 
 from __future__ import annotations
@@ -18,9 +24,15 @@ import torch
 import triton
 
 from . import reference
-from .grouped_matmul import _grid_rows, launch_grouped_mm, launch_grouped_wgrad
-from .grouped_matmul_kernels import ACTIVATION_CODES, MIN_BLOCK_N, dot_dtype, dot_precision
-from .moe_mlp_kernels import _grouped_mm_act_bwd_kernel, _sum_slots_kernel
+from .grouped_matmul import (
+    _grid_rows,
+    launch_grouped_mm,
+    launch_grouped_wgrad,
+    launch_sum_tile_partials,
+)
+from .grouped_matmul_configs import ACT_BWD_BLOCK_M, MIN_BLOCK_N
+from .grouped_matmul_kernels import ACTIVATION_CODES, dot_dtype, dot_precision
+from .moe_mlp_kernels import _gather_rows_kernel, _grouped_mm_act_bwd_kernel, _sum_slots_kernel
 from .reference import ACTIVATIONS
 from .types import Routing
 from .utils import (
@@ -34,14 +46,66 @@ from .utils import (
     use_triton,
 )
 
+# Rows per tile of the backward's gather (and of its db2 partials).
+GATHER_BLOCK_M = 64
+
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
     """Placeholder for an output a custom op has no value for (custom ops return tensors)."""
     return like.new_empty(0)
 
 
-def launch_act_bwd(
+def launch_gather_rows(
+    x: torch.Tensor,
     dy: torch.Tensor,
+    x_sorted: torch.Tensor,
+    dy_sorted: torch.Tensor,
+    offsets: torch.Tensor,
+    slots: torch.Tensor,
+    gates: torch.Tensor,
+    top_k: int,
+    b2: torch.Tensor | None,
+    dgate_bias: torch.Tensor,
+    db2_parts: torch.Tensor,
+) -> None:
+    """Fills x_sorted and dy_sorted (M, d): rows x[s // k], dy[s // k] of the sorted slots s;
+    with b2 also dgate_bias[s] = <dy[s // k], b2[e]> (a column view of the d(gate) partials)
+    and db2_parts, per GATHER_BLOCK_M-row tile, the tile's sum of gate[s] * dy[s // k]."""
+    M, d = x_sorted.shape
+    E = offsets.shape[0] - 1
+    grid = (triton.cdiv(M, GATHER_BLOCK_M) + E,)
+    _gather_rows_kernel[grid](
+        x,
+        dy,
+        x_sorted,
+        dy_sorted,
+        offsets,
+        slots,
+        gates,
+        b2 if b2 is not None else x,
+        dgate_bias,
+        db2_parts,
+        M,
+        d,
+        E,
+        top_k,
+        *x.stride(),
+        *dy.stride(),
+        x_sorted.stride(0),
+        b2.stride(0) if b2 is not None else 0,
+        dgate_bias.stride(0),
+        db2_parts.stride(0),
+        HAS_BIAS=b2 is not None,
+        E_POW2=triton.next_power_of_2(E + 1),
+        BLOCK_M=GATHER_BLOCK_M,
+        # 32 elements of each of x and dy per thread: 64 x 256 at 4 warps spilled.
+        BLOCK_D=min(128, triton.next_power_of_2(d)),
+        num_warps=8,
+    )
+
+
+def launch_act_bwd(
+    dy_sorted: torch.Tensor,
     w2: torch.Tensor,
     pre: torch.Tensor,
     dpre: torch.Tensor,
@@ -49,20 +113,18 @@ def launch_act_bwd(
     offsets: torch.Tensor,
     slots: torch.Tensor,
     gates: torch.Tensor,
-    b2: torch.Tensor | None,
     dgate_parts: torch.Tensor,
-    top_k: int,
+    db1_parts: torch.Tensor | None,
     activation: str,
 ) -> None:
-    """Fills dpre, gated_h (both (M, f), sorted order) and dgate_parts (T*k, >= f / BLOCK_N tiles,
-    zero-initialised, slot order); w2 is (E, f, d)."""
+    """Fills dpre, gated_h (both (M, f), sorted order), dgate_parts (T*k, >= f / BLOCK_N
+    tiles, zero-initialised, slot order) and, when given, db1_parts (one row of column sums
+    per ACT_BWD_BLOCK_M-row tile); dy_sorted is dy in expert order, w2 is (E, f, d)."""
     M, f = pre.shape
     E, _, d = w2.shape
     w2_t = w2.transpose(1, 2)
-    if b2 is not None:
-        b2 = b2.contiguous()
     _grouped_mm_act_bwd_kernel[_grid_rows(M, E, f)](
-        dy,
+        dy_sorted,
         w2_t,
         pre,
         dpre,
@@ -70,24 +132,23 @@ def launch_act_bwd(
         offsets,
         slots,
         gates,
-        b2 if b2 is not None else dpre,
         dgate_parts,
+        db1_parts if db1_parts is not None else dpre,
         M,
         f,
         d,
         E,
-        top_k,
-        dy.stride(0),
-        dy.stride(1),
+        dy_sorted.stride(0),
+        dy_sorted.stride(1),
         w2_t.stride(0),
         w2_t.stride(1),
         w2_t.stride(2),
         pre.stride(0),
-        b2.stride(0) if b2 is not None else 0,
         dgate_parts.stride(0),
-        HAS_BIAS=b2 is not None,
+        db1_parts.stride(0) if db1_parts is not None else 0,
+        BIAS_GRAD=db1_parts is not None,
         ACTIVATION=ACTIVATION_CODES[activation],
-        DOT_DTYPE=dot_dtype(dy.dtype),
+        DOT_DTYPE=dot_dtype(dy_sorted.dtype),
         DOT_PRECISION=dot_precision(),
         E_POW2=triton.next_power_of_2(E + 1),
     )
@@ -181,53 +242,53 @@ def _moe_mlp_bwd(
     activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     M, f = pre.shape
+    T, d = x.shape
+    E = w1.shape[0]
     flat_gates = gates.reshape(-1)
+    device = x.device
+    # d(gate) partials: one column per column tile of the widest tiling of the activation
+    # backward (the rest stay zero), and a last one for <dy, b2>.
+    dgate_parts = torch.zeros(
+        M, triton.cdiv(f, MIN_BLOCK_N) + 1, dtype=torch.float32, device=device
+    )
+    x_sorted = torch.empty(M, d, dtype=x.dtype, device=device)
+    dy_sorted = torch.empty(M, d, dtype=dy.dtype, device=device)
+    db2_parts = torch.empty(
+        (triton.cdiv(M, GATHER_BLOCK_M) + E, d) if b2 is not None else (0, d),
+        dtype=torch.float32,
+        device=device,
+    )
+    launch_gather_rows(
+        x, dy, x_sorted, dy_sorted, offsets, sorted_slots, flat_gates, top_k, b2,
+        dgate_parts[:, -1], db2_parts,
+    )  # fmt: skip
+
     dpre = torch.empty_like(pre)
     gated_h = torch.empty_like(pre)
-    # One partial <., .> per column tile of the widest tiling; the rest stay zero.
-    dgate_parts = torch.zeros(M, triton.cdiv(f, MIN_BLOCK_N), dtype=torch.float32, device=x.device)
+    db1_parts = None
+    if b1 is not None:
+        db1_parts = torch.empty(
+            triton.cdiv(M, ACT_BWD_BLOCK_M) + E, f, dtype=torch.float32, device=device
+        )
     launch_act_bwd(
-        dy,
-        w2,
-        pre,
-        dpre,
-        gated_h,
-        offsets,
-        sorted_slots,
-        flat_gates,
-        b2,
-        dgate_parts,
-        top_k,
-        activation,
-    )
-    dgates = new_output(gates.shape, torch.float32, x.device)
+        dy_sorted, w2, pre, dpre, gated_h, offsets, sorted_slots, flat_gates,
+        dgate_parts[:, :-1], db1_parts, activation,
+    )  # fmt: skip
+    dgates = new_output(gates.shape, torch.float32, device)
     torch.sum(dgate_parts, dim=1, out=dgates.view(-1))
 
     dw1 = new_output(w1.shape, w1.dtype, w1.device)
-    db1 = new_output(b1.shape, b1.dtype, b1.device) if b1 is not None else _empty(x)
-    launch_grouped_wgrad(
-        x,
-        dpre,
-        dw1,
-        offsets,
-        slots=sorted_slots,
-        top_k=top_k,
-        gather_a=True,
-        bias_grad=db1 if b1 is not None else None,
-    )
+    launch_grouped_wgrad(x_sorted, dpre, dw1, offsets)
     dw2 = new_output(w2.shape, w2.dtype, w2.device)
-    db2 = new_output(b2.shape, b2.dtype, b2.device) if b2 is not None else _empty(x)
-    launch_grouped_wgrad(
-        gated_h,
-        dy,
-        dw2,
-        offsets,
-        slots=sorted_slots,
-        top_k=top_k,
-        gather_b=True,
-        gates=flat_gates,
-        bias_grad=db2 if b2 is not None else None,
-    )
+    launch_grouped_wgrad(gated_h, dy_sorted, dw2, offsets)
+    db1 = _empty(x)
+    if b1 is not None:
+        db1 = new_output(b1.shape, b1.dtype, device)
+        launch_sum_tile_partials(db1_parts, db1, offsets, ACT_BWD_BLOCK_M)
+    db2 = _empty(x)
+    if b2 is not None:
+        db2 = new_output(b2.shape, b2.dtype, device)
+        launch_sum_tile_partials(db2_parts, db2, offsets, GATHER_BLOCK_M)
 
     dx = new_output(x.shape, x.dtype, x.device)
     per_slot = dx if top_k == 1 else torch.empty(M, x.shape[1], dtype=x.dtype, device=x.device)

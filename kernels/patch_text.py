@@ -28,6 +28,7 @@ from .utils import (
     FLOAT_DTYPES,
     check_same_device,
     check_tensor,
+    derived_operand,
     interpreter_active,
     new_output,
     use_triton,
@@ -96,15 +97,22 @@ def _patch_text_labels_kernel(
 
     rnorm = 1.0 / tl.maximum(tl.sqrt(sum_sq), 1e-12)
     logits = dots * (rnorm * inv_temperature)[:, None]
-    logits = tl.where(classes[None, :] < C, logits, float("-inf"))
+    class_ok = classes[None, :] < C
+    # Non-finite patch (a NaN or infinite feature or text value): label -1, NaN confidence
+    # and probabilities. Decided by comparison: max and argmax treat NaN differently on a
+    # GPU and in the interpreter.
+    non_finite = tl.sum((class_ok & ~(tl.abs(logits) < float("inf"))).to(tl.int32), 1) > 0
+    logits = tl.where(class_ok, logits, float("-inf"))
     row_max = tl.max(logits, axis=1)
     exps = tl.exp(logits - row_max[:, None])
+    exps = tl.where(non_finite[:, None], float("nan"), exps)
     denom = tl.sum(exps, axis=1)
     # The max class has exp(0) = 1 in the numerator.
     confidence = 1.0 / denom
     labels = tl.argmax(logits, axis=1, tie_break_left=True).to(tl.int64)
     if HAS_THRESHOLD:
         labels = tl.where(confidence < threshold, -1, labels)
+    labels = tl.where(non_finite, -1, labels)
     tl.store(labels_ptr + rows, labels, mask=row_ok)
     tl.store(confidence_ptr + rows, confidence, mask=row_ok)
     if WRITE_PROBS:
@@ -133,6 +141,8 @@ def _block_c(C: int) -> int:
 
 def _text_operand(text: torch.Tensor, patch_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     """Normalised text as the kernel reads it: (parts, D, BLOCK_C), zero-padded classes.
+    About eight small torch ops: `patch_text_labels` keeps the result per text tensor
+    (`derived_operand`), so calls with the same, unchanged text skip them.
 
     Half-precision patches get two parts, hi and lo, in the patches' dtype (see module doc);
     fp32 patches and every dtype under the interpreter (whose bf16 arithmetic is wrong) get
@@ -169,7 +179,10 @@ def _patch_text_labels_op(
     probs = new_output((B, N, C) if return_probs else (0,), torch.float32, patches.device)
     if M == 0:
         return labels, confidence, probs
-    text_operand, split = _text_operand(text, patches.dtype)
+    text_operand, split = derived_operand(
+        text, ("patch_text", patches.dtype, interpreter_active()),
+        lambda: _text_operand(text, patches.dtype),
+    )  # fmt: skip
     # Without tensor cores in the interpreter, any precision is exact fp32.
     precision = "ieee" if interpreter_active() else "tf32x3"
     config = _launch_config(D)
@@ -255,6 +268,9 @@ def patch_text_labels(
         text: (C, D) class embeddings (normalised inside), 2 <= C <= 64, the same dtypes.
         temperature: positive float; CLIP uses 1 / logit_scale.exp() (about 0.01).
         threshold: labels whose max probability is below it become -1; None keeps all.
+            A patch whose probabilities are not finite (a NaN or infinite feature, or a
+            non-finite text row, which reaches every patch) gets label -1, confidence NaN
+            and NaN probabilities, with or without a threshold.
         return_probs: also return the (B, N, C) probabilities.
         backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1; the reference for
             fp64), "triton" or "reference".

@@ -58,12 +58,20 @@ def route(
     """Prompt-conditioned top-k routing.
 
     x: (B, N, d), w_gate: (d, E), prompt_bias: (B, E). Ties go to the lower expert index.
+    A token whose logits are not all finite takes experts 0..top_k-1 with NaN weights, and
+    its probabilities and logsumexp are NaN (so are probs_mean and z_loss), as in `route`.
     """
     logits = router_logits(x, w_gate, prompt_bias)
     T, E = logits.shape
+    non_finite = ~torch.isfinite(logits.detach()).all(-1, keepdim=True)
+    # Added, not selected with torch.where: the NaN must reach the gradients too.
+    logits = logits + torch.where(non_finite, float("nan"), 0.0).to(logits.dtype)
     probs = torch.softmax(logits, dim=-1)
-    # A stable descending sort puts the lower index first among equal probabilities.
-    order = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
+    # A stable descending sort puts the lower index first among equal probabilities; the
+    # sort key of a non-finite token is -index, which puts experts 0, 1, ... first.
+    lowest_first = -torch.arange(E, dtype=probs.dtype, device=probs.device).expand(T, E)
+    key = torch.where(non_finite, lowest_first, probs.detach())
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :top_k]
     top_probs = probs.gather(1, order)
     weights = top_probs / top_probs.sum(-1, keepdim=True) if normalize else top_probs
     counts, offsets, sorted_slots = routing_metadata(order, E)
@@ -149,12 +157,18 @@ def patch_text_labels(
     """Label each patch with its nearest text prompt.
 
     patches: (B, N, D), text: (C, D). probs = softmax(cos(patch, text) / temperature) over C.
+    A patch whose probabilities are not all finite (a NaN or infinite feature, or any
+    non-finite text row, which reaches every patch) gets label -1 and confidence NaN, and
+    its probabilities are all NaN, with or without a threshold.
     """
     dtype = torch.promote_types(patches.dtype, torch.float32)
     p = F.normalize(patches.to(dtype), dim=-1)
     t = F.normalize(text.to(dtype), dim=-1)
     probs = torch.softmax((p @ t.T) / temperature, dim=-1)
+    non_finite = ~torch.isfinite(probs).all(-1)
+    probs = torch.where(non_finite[..., None], float("nan"), probs)
     confidence, labels = probs.max(dim=-1)
     if threshold is not None:
         labels = torch.where(confidence < threshold, -1, labels)
+    labels = torch.where(non_finite, -1, labels)
     return PatchLabels(labels, confidence.float(), probs.float() if return_probs else None)

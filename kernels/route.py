@@ -37,6 +37,7 @@ from .utils import (
     FLOAT_DTYPES,
     check_same_device,
     check_tensor,
+    derived_operand,
     interpreter_active,
     new_output,
     sm_count,
@@ -50,19 +51,34 @@ MAX_TOP_K = 8
 def _gate_operand(
     w_gate: torch.Tensor, x_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """w_gate as the kernels read it: (w, w_lo or None, half_dot).
+    """w_gate as the kernels read it: (w, w_lo or None, half_dot), each (d, BLOCK_E)
+    contiguous with zero columns past E, so every row of the tile is whole and 16-byte
+    aligned (at E = 8 a bf16 row of 16 bytes would otherwise leave the tile's rows
+    misaligned: scalar loads and a synchronous MMA). Reused while w_gate is unchanged.
 
     Half-precision x on a GPU takes the tensor-core dot; a w_gate of another dtype is then
     split into hi + lo parts in x's dtype. fp32 x, and everything under the interpreter,
     reads w_gate as it is and computes in fp32.
     """
     half_dot = x_dtype != torch.float32 and not interpreter_active()
-    if not half_dot or w_gate.dtype == x_dtype:
-        return w_gate, None, half_dot
-    w32 = w_gate.float()
-    hi = w32.to(x_dtype)
-    lo = (w32 - hi.float()).to(x_dtype)
-    return hi.contiguous(), lo.contiguous(), True
+    split = half_dot and w_gate.dtype != x_dtype
+
+    def build():
+        D, E = w_gate.shape
+        block_e = expert_block(E)
+        if not split:
+            if E == block_e and w_gate.is_contiguous():
+                return w_gate, None
+            padded = w_gate.new_zeros(D, block_e)
+            padded[:, :E] = w_gate
+            return padded, None
+        w32 = w_gate.new_zeros(D, block_e, dtype=torch.float32)
+        w32[:, :E] = w_gate
+        hi = w32.to(x_dtype)
+        return hi, (w32 - hi.float()).to(x_dtype)
+
+    w, w_lo = derived_operand(w_gate, ("route_gate", x_dtype, half_dot), build)
+    return w, w_lo, half_dot
 
 
 @torch.library.custom_op("clasp::route_fwd", mutates_args=())
@@ -99,9 +115,11 @@ def _route_fwd(
     config = fwd_config(T, D, E, x.dtype, device)
     block_t, block_e = config["BLOCK_T"], expert_block(E)
     n_blocks = triton.cdiv(T, block_t)
-    block_counts = new_output((n_blocks, block_e), torch.int32, device)
-    block_probs = new_output((n_blocks, block_e), torch.float32, device)
-    block_zsq = new_output((n_blocks,), torch.float32, device)
+    # The per-block partials share one allocation (fewer host calls per route).
+    partials = torch.empty(n_blocks * (2 * block_e + 1), dtype=torch.float32, device=device)
+    block_counts = partials[: n_blocks * block_e].view(torch.int32)
+    block_probs = partials[n_blocks * block_e : 2 * n_blocks * block_e]
+    block_zsq = partials[2 * n_blocks * block_e :]
     w, w_lo, half_dot = _gate_operand(w_gate, x.dtype)
     _route_fwd_kernel[(n_blocks,)](
         x,
@@ -131,7 +149,7 @@ def _route_fwd(
         **config,
     )
 
-    if interpreter_active() or device.type != "cuda":
+    if interpreter_active():
         # Two blocks per program: small tests still place slots after earlier programs' ones.
         blocks_per_program = 2
     else:
@@ -238,7 +256,7 @@ def _route_bwd(
     dw = w_gate.new_empty((0,))
     if need_dw:
         d_blocks = triton.cdiv(D, block_d)
-        if interpreter_active() or device.type != "cuda":
+        if interpreter_active():
             splits = min(n_blocks, 2)
         else:
             # About one program per SM: each split adds a (D, E) fp32 partial to write and sum.
@@ -396,6 +414,13 @@ def route(
         fp64 inputs. weights, probs_mean and z_loss are differentiable with respect to x,
         w_gate and prompt_bias. Autocast does not apply: both backends compute from the
         inputs as given.
+
+    Non-finite input: a token whose logits are not all finite (a NaN or infinite value in
+    its row of x, in its sample's prompt_bias, or a NaN in w_gate, which reaches every
+    token) still gets valid experts, 0..top_k-1, so counts sum to T * top_k and every
+    sorted slot is written; its weights are NaN, so NaN reaches that token's MoE output,
+    and probs_mean and z_loss are NaN, as are the gradients through that token. Both
+    backends give the same experts, grouping and NaN positions.
     """
     _check_inputs(x, w_gate, prompt_bias, top_k)
     B, N, _ = x.shape

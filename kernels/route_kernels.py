@@ -107,8 +107,9 @@ def _route_fwd_kernel(
         d_ok = d < D
         x_mask = row_ok[:, None] & d_ok[None, :]
         x = tl.load(x_rows[:, None] + d[None, :] * stride_xd, mask=x_mask, other=0.0)
+        # w is padded to BLOCK_E zero columns (`_gate_operand`): whole, aligned rows.
         w_offsets = d[:, None] * stride_wd + cols[None, :] * stride_we
-        w_mask = d_ok[:, None] & col_ok[None, :]
+        w_mask = d_ok[:, None]
         w = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
         if HALF_DOT:
             acc = tl.dot(x, w, acc)
@@ -120,25 +121,35 @@ def _route_fwd_kernel(
     tile_mask = row_ok[:, None] & col_ok[None, :]
     bias_offsets = sample.to(tl.int64)[:, None] * stride_bb + cols[None, :] * stride_be
     bias = tl.load(bias_ptr + bias_offsets, mask=tile_mask, other=0.0).to(tl.float32)
-    logits = tl.where(col_ok[None, :], acc + bias, float("-inf"))
+    logits = acc + bias
+    # A token with a NaN or infinite logit is non-finite: its logits are stored as NaN, it
+    # takes experts 0..k-1 and NaN weights, probabilities and lse (see `route`). Decided by
+    # comparisons, never by max/argmax, whose NaN handling differs between GPU and CPU.
+    non_finite = tl.sum((col_ok[None, :] & ~(tl.abs(logits) < float("inf"))).to(tl.int32), 1) > 0
+    logits = tl.where(non_finite[:, None], float("nan"), logits)
+    logits = tl.where(col_ok[None, :], logits, float("-inf"))
     if STORE_LOGITS:
         logit_offsets = rows.to(tl.int64)[:, None] * E + cols[None, :]
         tl.store(logits_ptr + logit_offsets, logits, mask=tile_mask)
     row_max = tl.max(logits, axis=1)
     unnorm = tl.exp(logits - row_max[:, None])
+    unnorm = tl.where(non_finite[:, None], float("nan"), unnorm)
     denom = tl.sum(unnorm, axis=1)
     lse = row_max + tl.log(denom)
+    lse = tl.where(non_finite, float("nan"), lse)
 
     # Top-k by repeated max over the experts not yet taken. Selecting on fp32 logits rather
     # than on probabilities keeps apart experts whose probabilities round to the same value;
-    # the min over equal candidates sends ties to the lower index.
+    # the min over equal candidates sends ties to the lower index. Non-finite tokens select
+    # on -index, which picks experts 0, 1, ... in that order.
+    select = tl.where(non_finite[:, None], -cols[None, :].to(tl.float32), logits)
     k_cols = tl.arange(0, BLOCK_K)
     top_idx = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     top_unnorm = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     free = col_ok[None, :] & (rows[:, None] >= 0)
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for j in tl.static_range(K):
-        candidates = tl.where(free, logits, float("-inf"))
+        candidates = tl.where(free, select, float("-inf"))
         best = tl.max(candidates, axis=1)
         tied = free & (candidates == best[:, None])
         choice = tl.min(tl.where(tied, cols[None, :], BLOCK_E), axis=1)
@@ -338,6 +349,10 @@ def _route_bwd_logits_kernel(
         lse = row_max + tl.log(denom)
         dz = tl.load(dz_loss_ptr).to(tl.float32)
         dlogits += (2.0 * dz * inv_T) * lse[:, None] * probs
+    # A non-finite token's saved logits are NaN: its d(logits) is NaN, whatever the upstream
+    # gradients (as autograd through the reference gives).
+    non_finite = tl.sum((col_ok[None, :] & (logits != logits)).to(tl.int32), 1) > 0
+    dlogits = tl.where(non_finite[:, None], float("nan"), dlogits)
     dlogits = tl.where(tile_mask, dlogits, 0.0)
     tl.store(dlogits_ptr + rows64[:, None] * E + cols[None, :], dlogits, mask=tile_mask)
 
@@ -351,7 +366,7 @@ def _route_bwd_logits_kernel(
             d_ok = d < D
             # (BLOCK_E, BLOCK_D) tile of w^T.
             wt_offsets = cols[:, None] * stride_we + d[None, :] * stride_wd
-            wt_mask = col_ok[:, None] & d_ok[None, :]
+            wt_mask = d_ok[None, :]  # padded to BLOCK_E zero columns
             wt = tl.load(w_ptr + wt_offsets, mask=wt_mask, other=0.0)
             if HALF_DOT:
                 dx = tl.dot(dl_hi, wt)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import functools
 import os
+import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 BACKENDS = ("auto", "triton", "reference")
 # What the Triton kernels take; every op also takes fp64 (the dtype of exact tests), which
@@ -21,6 +28,12 @@ _poison = False
 def interpreter_active() -> bool:
     """True when Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    """False under CLASP_AUTOTUNE=0: every autotuned kernel keeps one config (the first that
+    fits the device), so a run compiles each variant once and times nothing extra."""
+    return os.environ.get("CLASP_AUTOTUNE", "1") != "0"
 
 
 def dtype_names(dtypes, last_separator: str = ", ") -> str:
@@ -84,15 +97,53 @@ def autocast_inputs(device_type: str, *tensors: torch.Tensor | None):
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceProperties:
+    """What the launchers size grids and prune tile configurations by."""
+
+    sm_count: int  # streaming multiprocessors
+    max_shared_mem: int  # bytes of shared memory one program may use (the opt-in limit)
+    capability: int  # compute capability as 10 * major + minor: 80 (A100), 90 (H100)
+
+
+# The GPU that launches on the "meta" device are compiled for (see `ahead_of_time_target`).
+_ahead_of_time: DeviceProperties | None = None
+
+
+@contextlib.contextmanager
+def ahead_of_time_target(properties: DeviceProperties):
+    """Within this block, kernels launched on "meta" tensors are sized and pruned for
+    `properties`: how `benchmarks/compile_report.py` compiles the launches of a GPU that
+    is not there."""
+    global _ahead_of_time
+    previous, _ahead_of_time = _ahead_of_time, properties
+    try:
+        yield
+    finally:
+        _ahead_of_time = previous
+
+
 @functools.cache
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _cuda_properties(device_index: int) -> DeviceProperties:
+    p = torch.cuda.get_device_properties(device_index)
+    return DeviceProperties(
+        p.multi_processor_count, p.shared_memory_per_block_optin, 10 * p.major + p.minor
+    )
+
+
+def device_properties(device: torch.device) -> DeviceProperties:
+    """Properties of a CUDA device (cached), or of the ahead-of-time target for "meta"."""
+    if device.type == "meta":
+        if _ahead_of_time is None:
+            raise RuntimeError("meta tensors reach the kernels only under ahead_of_time_target()")
+        return _ahead_of_time
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_properties(index)
 
 
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached): the kernels size grids by it."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _multiprocessor_count(index)
+    """Streaming multiprocessors of the device: the kernels size grids by it."""
+    return device_properties(device).sm_count
 
 
 def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...]) -> None:
@@ -110,6 +161,40 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     if len(devices) > 1:
         where = ", ".join(f"{k} on {v.device}" for k, v in named.items())
         raise ValueError(f"all inputs must be on one device, got {where}")
+
+
+# Kernel operands derived from a tensor (padded, split or normalised copies), by source.
+_DERIVED_CACHE_SIZE = 16
+_derived: collections.OrderedDict = collections.OrderedDict()
+
+
+def derived_operand(source: torch.Tensor, tag: tuple, build: Callable[[], T]) -> T:
+    """build(), a kernel operand computed from `source` alone, reused while `source` is
+    unchanged: the same live tensor object (checked through a weak reference, so a new
+    tensor that reuses a freed one's id or memory never matches), at the same version
+    counter (in-place writes bump it), data pointer, dtype, shape and strides. Built afresh
+    for inference tensors (no version counter), while a CUDA graph is captured, and under
+    torch.compile tracing. `tag` names what is derived (and from which settings)."""
+    if (
+        source.is_inference()
+        or torch.compiler.is_compiling()
+        or (source.is_cuda and torch.cuda.is_current_stream_capturing())
+    ):
+        return build()
+    key = (id(source), tag)
+    state = (
+        source._version, source.data_ptr(), source.dtype, source.device,
+        tuple(source.shape), source.stride(),
+    )  # fmt: skip
+    hit = _derived.get(key)
+    if hit is not None and hit[0]() is source and hit[1] == state:
+        _derived.move_to_end(key)
+        return hit[2]
+    value = build()
+    _derived[key] = (weakref.ref(source), state, value)
+    while len(_derived) > _DERIVED_CACHE_SIZE:
+        _derived.popitem(last=False)
+    return value
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from clasp.kernels import Routing, moe_mlp, reference
+from clasp.kernels import Routing, moe_mlp, poison_outputs, reference, route
 
 from tests.utils import (
     DTYPE_IDS,
@@ -121,6 +121,31 @@ def test_moe_mlp_all_tokens_on_one_expert(dtype, device):
     grads = check_against_reference(inputs, routing, "silu", dtype)
     others = [e for e in range(E) if e != 5]
     assert grads["w1"][others].eq(0).all() and grads["w2"][others].eq(0).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_moe_mlp_after_routing_a_nan_token_gives_nan_there_only(device):
+    """route sends a NaN token to experts 0..k-1 with NaN weights: both backends run the
+    layer on that routing and give a NaN output row for that token, finite rows elsewhere."""
+    T, d, f, E, k = 24, 32, 48, 4, 2
+    router_x = torch.randn(1, T, 16, device=device)
+    router_x[0, 5, 7] = float("nan")
+    routing = route(
+        router_x, torch.randn(16, E, device=device), torch.randn(1, E, device=device), k,
+        backend="triton",
+    )  # fmt: skip
+    inputs = make_inputs(T, d, f, E, routing, FP32, device)
+    x, weights, w1, w2, b1, b2 = inputs
+    with poison_outputs():
+        y = moe_mlp(x, routing, w1, w2, b1, b2, backend="triton")
+    ref = [as_reference_input(t) for t in inputs]
+    y_ref = reference.moe_mlp(ref[0], routing._replace(weights=ref[1]), *ref[2:])
+    nan_rows = torch.isnan(y).any(1).cpu()
+    expected = torch.zeros(T, dtype=torch.bool)
+    expected[5] = True
+    assert torch.equal(nan_rows, expected) and torch.isnan(y[5]).all()
+    assert torch.equal(torch.isnan(y_ref).cpu(), torch.isnan(y).cpu())
+    assert_close_normalised(y[~nan_rows], y_ref[~nan_rows], FP32)
 
 
 def test_moe_mlp_is_deterministic(device):

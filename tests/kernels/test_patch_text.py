@@ -1,9 +1,10 @@
 import pytest
 import torch
-from clasp.kernels import patch_text_labels, reference
+from clasp.kernels import PatchLabels, patch_text_labels, poison_outputs, reference
 
 from tests.utils import (
     DTYPE_IDS,
+    assert_all_written,
     assert_close,
     forbid_triton_path,
     randn,
@@ -105,6 +106,50 @@ def test_patch_text_labels_zero_and_tiny_patches(device):
         assert_close(out.probs[0, n], uniform, torch.float32)
         assert out.labels[0, n] == 0  # ties go to the lowest class, as torch.max does
     assert_close(out.probs, _ref_probs(patches, text, 0.01).float(), torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("threshold", [None, 0.3], ids=["no-threshold", "threshold"])
+@pytest.mark.parametrize("where", ["nan-patch", "inf-patch", "neg-inf-patch", "nan-text-row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_patch_text_labels_non_finite_input(where, threshold, dtype, device):
+    """A patch whose probabilities are not finite gets label -1, confidence NaN and NaN
+    probabilities on both backends, threshold or not; a non-finite text row reaches every
+    patch. The other patches are labelled as usual."""
+    B, N, D, C = 2, 40, 64, 5
+    patches = randn(B, N, D, dtype=dtype, device=device)
+    text = randn(C, D, dtype=dtype, device=device)
+    bad = torch.zeros(B, N, dtype=torch.bool)
+    if where == "nan-text-row":
+        text[2, 11] = float("nan")
+        bad[:] = True
+    else:
+        value = {"nan-patch": "nan", "inf-patch": "inf", "neg-inf-patch": "-inf"}[where]
+        patches[1, 7, 30] = float(value)
+        patches[0, 0, 0] = float(value)
+        bad[1, 7] = bad[0, 0] = True
+    with poison_outputs():
+        out = patch_text_labels(
+            patches, text, 0.05, threshold=threshold, return_probs=True, backend="triton"
+        )
+    assert_all_written(out.labels)
+    ref = reference.patch_text_labels(
+        patches.double(), text.double(), 0.05, threshold=threshold, return_probs=True
+    )
+    for name in ("labels", "confidence", "probs"):
+        got, expected = getattr(out, name).cpu(), getattr(ref, name).cpu()
+        if name != "labels":  # an unwritten float would be a NaN where the reference has none
+            assert torch.equal(torch.isnan(got), torch.isnan(expected)), name
+    assert (out.labels.cpu()[bad] == -1).all() and (ref.labels.cpu()[bad] == -1).all()
+    assert torch.isnan(out.confidence.cpu()[bad]).all()
+    assert torch.isnan(out.probs.cpu()[bad]).all()
+    if not bad.all():
+        good = ~bad
+        atol, _ = _tolerances(device, 0.05)
+        scale = atol / tolerance(torch.float32, device)[0]
+        assert_close(out.probs.cpu()[good], ref.probs.cpu()[good], torch.float32, scale=scale)
+        kept = PatchLabels(*(t.cpu()[good] for t in out))
+        assert_labels_agree(kept, PatchLabels(*(t.cpu()[good] for t in ref)), threshold, atol)
 
 
 def test_patch_text_labels_mixed_dtypes_and_empty_batch(device):
@@ -211,3 +256,17 @@ def test_patch_text_labels_rejects_bad_dtype_and_devices():
         patch_text_labels(torch.randn(1, 2, 4), torch.randn(3, 4), torch.tensor(0.1))
     with pytest.raises(ValueError, match="one device"):
         patch_text_labels(torch.randn(1, 2, 4), torch.randn(3, 4, device="meta"), 0.1)
+
+
+def test_patch_text_labels_follow_text_changed_in_place(device):
+    """The normalised text is kept per text tensor between calls: writing into the text
+    must not leave the labels of the old text behind."""
+    patches = randn(2, 30, 32, device=device)
+    text = randn(4, 32, device=device)
+    first = patch_text_labels(patches, text, 0.05, return_probs=True, backend="triton")
+    again = patch_text_labels(patches, text, 0.05, return_probs=True, backend="triton")
+    assert torch.equal(first.probs, again.probs)
+    text.copy_(randn(4, 32, device=device))
+    changed = patch_text_labels(patches, text, 0.05, return_probs=True, backend="triton")
+    assert_close(changed.probs, _ref_probs(patches, text, 0.05), torch.float32)
+    assert not torch.allclose(changed.probs, first.probs)

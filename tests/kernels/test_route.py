@@ -2,9 +2,16 @@ import math
 
 import pytest
 import torch
-from clasp.kernels import reference, route
+from clasp.kernels import poison_outputs, reference, route
 
-from tests.utils import as_reference_input, assert_close, forbid_triton_path, randn, run_poisoned
+from tests.utils import (
+    as_reference_input,
+    assert_all_written,
+    assert_close,
+    forbid_triton_path,
+    randn,
+    run_poisoned,
+)
 
 FP32, BF16, FP16, FP64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
@@ -231,6 +238,77 @@ def test_route_under_torch_compile_matches_eager(device):
         strict=True,
     ):
         torch.testing.assert_close(g_c, g)
+
+
+def poison_input(x, w, bias, where):
+    """Copies of the inputs with one non-finite value planted; returns them and the tokens
+    whose logits it reaches."""
+    x, w, bias = (t.detach().clone() for t in (x, w, bias))
+    B, N, d = x.shape
+    tokens = torch.zeros(B * N, dtype=torch.bool)
+    if where in ("nan-token", "inf-token", "neg-inf-token"):
+        value = {"nan-token": math.nan, "inf-token": math.inf, "neg-inf-token": -math.inf}[where]
+        x[1, 3, d // 2] = value
+        tokens[N + 3] = True
+    elif where == "nan-prompt-bias":
+        bias[0, 1] = math.nan
+        tokens[:N] = True
+    elif where == "nan-w-gate":
+        w[d // 3, 0] = math.nan
+        tokens[:] = True
+    return [t.requires_grad_() for t in (x, w, bias)], tokens
+
+
+def assert_same_nans_and_close(actual, expected, dtype, scale, msg):
+    nan, nan_ref = torch.isnan(actual.detach().cpu()), torch.isnan(expected.detach().cpu())
+    assert torch.equal(nan, nan_ref), f"{msg}: NaN at other positions than the reference's"
+    assert not torch.isinf(actual).any(), msg
+    assert_close(actual[~nan], expected[~nan_ref], dtype, scale=scale, msg=msg)
+
+
+NON_FINITE = ["nan-token", "inf-token", "neg-inf-token", "nan-prompt-bias", "nan-w-gate"]
+# The interpreter's numpy warns about the NaN arithmetic these inputs ask for.
+IGNORE_NAN_WARNINGS = pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+
+
+@IGNORE_NAN_WARNINGS
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("where", NON_FINITE)
+def test_route_non_finite_input_matches_reference(where, dtype, device):
+    """A token with a non-finite logit takes experts 0..k-1 and NaN weights; counts, offsets
+    and sorted_slots stay a complete grouping; both backends agree on all of it, on where
+    the NaNs are (forward and gradients) and on every finite value."""
+    B, N, d, E, top_k = 2, 37, 32, 6, 2
+    (x, w, bias), tokens = poison_input(*make_inputs(B, N, d, E, dtype, device), where)
+    # Outputs poisoned: an unwritten integer shows as its minimum, an unwritten float as a NaN
+    # where the reference has none.
+    with poison_outputs():
+        routing = route(x, w, bias, top_k, backend="triton")
+    assert_all_written(routing.expert_idx, routing.counts, routing.offsets, routing.sorted_slots)
+    ref_inputs = [as_reference_input(t) for t in (x, w, bias)]
+    ref = reference.route(*ref_inputs, top_k)
+    for name in ("expert_idx", "counts", "offsets", "sorted_slots"):
+        assert torch.equal(getattr(routing, name).cpu(), getattr(ref, name).cpu()), name
+    assert_grouping(routing, E)
+    assert int(routing.counts.sum()) == B * N * top_k
+    lowest = torch.arange(top_k, dtype=torch.int32).expand(int(tokens.sum()), -1)
+    assert torch.equal(routing.expert_idx.cpu()[tokens], lowest)
+    assert torch.equal(torch.isnan(routing.weights).any(1).cpu(), tokens)
+    assert torch.isnan(routing.weights[tokens]).all()
+    for name in ("weights", "probs_mean", "z_loss"):
+        assert_same_nans_and_close(getattr(routing, name), getattr(ref, name), FP32, 4, name)
+    assert torch.isnan(routing.z_loss) and torch.isnan(routing.probs_mean).all()
+
+    upstream = (torch.randn_like(routing.weights), torch.randn(E, device=device), torch.randn(()))
+    with poison_outputs():
+        outputs = (routing.weights, routing.probs_mean, routing.z_loss)
+        grads = torch.autograd.grad(outputs, (x, w, bias), upstream)
+    ref_grads = torch.autograd.grad(
+        (ref.weights, ref.probs_mean, ref.z_loss), ref_inputs, [u.double() for u in upstream]
+    )
+    for name, grad, ref_grad in zip(("dx", "dw_gate", "dbias"), grads, ref_grads, strict=True):
+        assert_same_nans_and_close(grad, ref_grad, grad.dtype, 2, name)
+    assert torch.isnan(grads[0].reshape(B * N, d)[tokens]).all(), "dx of non-finite tokens"
 
 
 def test_route_no_tokens_returns_empty_routing(device):
