@@ -4,7 +4,9 @@ An exported file holds the backbone's state dict under timm's VisionTransformer 
 (`patch_embed.proj.weight`, `blocks.3.attn.qkv.weight`, ...), plus the clasp-specific keys
 of the PC-MoE blocks (`blocks.<i>.mlp.{w_gate,w_prompt,w1,b1,w2,b2}` in place of `fc1`/`fc2`)
 and the task prompts (`prompts.embedding`). Its safetensors metadata holds the model config
-as JSON, so the file alone rebuilds the backbone.
+as JSON, so the file alone rebuilds the backbone. Pre-training heads that downstream code
+uses (the image-text projection) may ride along under `heads.<name>.`; the backbone loaders
+leave them out.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .vit import ClaspViT, model_config
 FORMAT = "clasp-backbone"
 VERSION = "1"
 PROMPT_KEY_PREFIX = "prompts."
+HEADS_KEY_PREFIX = "heads."
 
 
 def export_state_dict(backbone: ClaspViT) -> dict[str, torch.Tensor]:
@@ -40,9 +43,15 @@ def import_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def save_backbone(
-    backbone: ClaspViT, path: str, *, default_task: TaskSpec = None, metadata: dict | None = None
+    backbone: ClaspViT,
+    path: str,
+    *,
+    default_task: TaskSpec = None,
+    metadata: dict | None = None,
+    heads: dict[str, torch.nn.Module] | None = None,
 ) -> None:
-    """Write the backbone to a safetensors file, atomically (temp file + rename)."""
+    """Write the backbone to a safetensors file, atomically (temp file + rename); `heads`
+    {name: module} are stored beside it under `heads.<name>.`."""
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -50,8 +59,12 @@ def save_backbone(
         "default_task": json.dumps(default_task if isinstance(default_task, str | dict) else None),
         **{k: json.dumps(v) for k, v in (metadata or {}).items()},
     }
+    tensors = export_state_dict(backbone)
+    for name, head in (heads or {}).items():
+        for key, tensor in head.state_dict().items():
+            tensors[f"{HEADS_KEY_PREFIX}{name}.{key}"] = tensor.detach().cpu().contiguous()
     with atomic_path(path) as tmp:
-        save_file(export_state_dict(backbone), tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=meta)
 
 
 def read_export(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -79,7 +92,7 @@ def timm_state_dict(path: str) -> dict[str, torch.Tensor]:
     return {
         k: v
         for k, v in state.items()
-        if not k.startswith(moe_prefixes) and not k.startswith(PROMPT_KEY_PREFIX)
+        if not k.startswith((*moe_prefixes, PROMPT_KEY_PREFIX, HEADS_KEY_PREFIX))
     }
 
 
@@ -102,7 +115,9 @@ def load_backbone(
     if _is_safetensors(path):
         state, config = read_export(path)
         default_task = config.pop("default_task")
-        state = import_state_dict(state)
+        state = import_state_dict(
+            {k: v for k, v in state.items() if not k.startswith(HEADS_KEY_PREFIX)}
+        )
     else:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if "model" not in checkpoint or "config" not in checkpoint:
@@ -131,3 +146,33 @@ def _is_safetensors(path: str) -> bool:
             return True
     except Exception:  # safetensors raises its own error types for non-safetensors files
         return False
+
+
+def read_head(path: str, name: str, *, weights: str = "student") -> dict[str, torch.Tensor] | None:
+    """The state dict of the pre-training head `name` (e.g. "image_text") kept in an export
+    (`heads.<name>.*`) or a training checkpoint (the model's `<name>_head.*`; `weights`: the
+    "student" or the EMA "teacher"); None when the file has no such head."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no backbone file at {path}")
+    if _is_safetensors(path):
+        prefix = f"{HEADS_KEY_PREFIX}{name}."
+        with safe_open(path, framework="pt") as f:
+            keys = [k for k in f.keys() if k.startswith(prefix)]
+            state = {k.removeprefix(prefix): f.get_tensor(k) for k in keys}
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        source = checkpoint.get("model" if weights == "student" else "teacher") or {}
+        prefix = f"{name}_head."
+        state = {k.removeprefix(prefix): v for k, v in source.items() if k.startswith(prefix)}
+    return state or None
+
+
+def read_metadata(path: str) -> dict:
+    """The JSON metadata of an export (`save_backbone`'s `metadata`, decoded), or of a training
+    checkpoint its "config"."""
+    if _is_safetensors(path):
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        return {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return {"config": checkpoint.get("config", {})}

@@ -7,6 +7,7 @@ import torch
 from clasp.data.transforms import collate_samples
 
 from . import distributed
+from .captions import caption_table
 from .loop import NonFiniteLossError, TrainingLoop, TrainResult
 from .pretrain_data import build_pretrain_data
 from .step import LOSS_TERMS, PretrainStep
@@ -26,11 +27,16 @@ class Trainer(TrainingLoop):
         dataset, sampler, cache = build_pretrain_data(
             config, world.rank, world.size, config["model"]["patch_size"]
         )
+        texts = None
+        if config["loss"]["image_text"]:
+            texts = caption_table(config, dataset.dataset, cache, dataset.keys)
+            dataset.caption_ids = texts.ids
         pretrain_step = PretrainStep(
             config,
             world,
             num_parts=len(cache.part_names) if cache is not None else None,
             num_attributes=len(cache.attribute_names) if cache is not None else None,
+            text_embeddings=texts.embeddings if texts is not None else None,
         )
         super().__init__(
             config,

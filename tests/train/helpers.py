@@ -1,4 +1,5 @@
-"""A tiny synthetic set, a label cache made from its ground truth, and a tiny training config."""
+"""A tiny synthetic set, a label cache made from its ground truth, a tiny random CLIP (for its
+text tower), and a tiny training config."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ from clasp.train.config import build_config
 
 IMAGE_SIZE = (64, 32)
 LABEL_GRID = (8, 4)
+# A CLIP that builds in milliseconds; pre-training reads only its text tower.
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 
 
 def make_synth(root: str, ids: int = 12, images_per_id: int = 4) -> str:
@@ -48,6 +55,19 @@ def make_label_cache(synth_root: str, root: str) -> str:
     parts = torch.stack(parts)
     writer = LabelCacheWriter(root, meta)
     writer.write_shard(keys, parts, torch.ones(parts.shape), torch.stack(attributes), failed={})
+    return root
+
+
+def make_text_teacher(root: str) -> str:
+    """A randomly initialised tiny CLIP in the teacher folder format."""
+    import open_clip
+
+    from clasp.teacher.loading import save_teacher
+
+    if not os.path.exists(os.path.join(root, "open_clip_config.json")):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            save_teacher(open_clip.CLIP(**TINY_CLIP), TINY_CLIP, root)
     return root
 
 
