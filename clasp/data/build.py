@@ -15,6 +15,7 @@ FORMATS = {
     "peta": ("clasp.data.peta", "PetaDataset", "all"),
     "ccp": ("clasp.data.ccp", "CCPDataset", "all"),
     "coco": ("clasp.data.coco", "CocoKeypointDataset", "train"),
+    "cuhk-pedes": ("clasp.data.cuhk_pedes", "CuhkPedesDataset", "train"),
 }
 
 
@@ -32,7 +33,8 @@ def build_dataset(format: str, root: str, split: str | None = None, **kwargs) ->
 
     Formats and splits: folder (all, or a subfolder name), synth (all, train, test, query,
     gallery), market (train, query, gallery), idfolder (train, val, query, gallery, all),
-    peta (all, train, test, or a subset name), ccp (all, train, test), coco (train, val).
+    peta (all, train, test, or a subset name), ccp (all, train, test), coco (train, val),
+    cuhk-pedes (train, val, test, all).
     Keyword arguments go to the dataset (transform=, on_error=, and format options)."""
     cls = dataset_class(format)
     if not os.path.exists(root):

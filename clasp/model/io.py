@@ -168,11 +168,11 @@ def read_head(path: str, name: str, *, weights: str = "student") -> dict[str, to
 
 
 def read_metadata(path: str) -> dict:
-    """The JSON metadata of an export (`save_backbone`'s `metadata`, decoded), or of a training
-    checkpoint its "config"."""
+    """The metadata of an export (`save_backbone`'s, JSON-decoded: "config" is the model
+    config), or of a training checkpoint {"training_config": its full training config}."""
     if _is_safetensors(path):
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
         return {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return {"config": checkpoint.get("config", {})}
+    return {"training_config": checkpoint.get("config", {})}

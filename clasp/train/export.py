@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
     heads = {}
     if head is not None:
         heads["image_text"] = ImageTextHead.from_state_dict(head)
-        name, pretrained = text_teacher_source(read_metadata(args.checkpoint)["config"])
+        name, pretrained = text_teacher_source(read_metadata(args.checkpoint)["training_config"])
         metadata["text_teacher"] = {"teacher": name, "pretrained": pretrained}
     save_backbone(backbone, args.out, default_task=task, metadata=metadata, heads=heads)
     n = sum(p.numel() for p in backbone.parameters())

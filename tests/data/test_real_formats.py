@@ -23,7 +23,16 @@ def load_all(dataset) -> list[dict]:
 
 
 def test_formats_are_the_documented_names():
-    assert set(FORMATS) == {"folder", "synth", "market", "idfolder", "peta", "ccp", "coco"}
+    assert set(FORMATS) == {
+        "folder",
+        "synth",
+        "market",
+        "idfolder",
+        "peta",
+        "ccp",
+        "coco",
+        "cuhk-pedes",
+    }
 
 
 @pytest.mark.parametrize("split", list(MARKET_SPLITS))

@@ -148,3 +148,23 @@ def test_save_teacher_accepts_full_open_clip_config(tmp_path):
     save_teacher(model, {"model_cfg": TINY_CLIP, "preprocess_cfg": {"mean": [0.5] * 3}}, tmp_path)
     teacher = load_teacher(str(tmp_path))
     torch.testing.assert_close(teacher.mean, torch.full((3,), 0.5))
+
+
+def test_patch_weights_steer_the_class_tokens_attention(teacher):
+    pixels = teacher.normalize(_images(teacher, batch=2))
+    pooled, dense = teacher.encode_image(pixels)
+    n = dense.shape[1]
+    even, _ = teacher.encode_image(pixels, patch_weights=torch.ones(2, n))
+    torch.testing.assert_close(even, pooled)  # weights of one leave attention as it was
+    # All weight on patch j: the class token attends to itself and to patch j alone, as if
+    # the last block saw only those two tokens (up to the 1e-4 floor of the other weights).
+    j = int(torch.randint(n, ()))
+    weights = torch.zeros(2, n)
+    weights[:, j] = 1.0
+    focused, dense_focused = teacher.encode_image(pixels, patch_weights=weights)
+    x = teacher._tokens_before_last_block(pixels)
+    last = teacher.model.visual.transformer.resblocks[-1]
+    reference = teacher._pooled(last(x[:, [0, 1 + j]]))
+    torch.testing.assert_close(focused, reference, atol=2e-3, rtol=2e-3)
+    assert not torch.allclose(focused, pooled, atol=1e-2)
+    torch.testing.assert_close(dense_focused, dense)  # the dense features do not move

@@ -1,6 +1,7 @@
 """Image-text alignment in pre-training (`loss.image_text`): captions from the set or from the
 attribute pseudo-labels, the loss falls, kill-and-resume stays bit-exact, the head is exported."""
 
+import json
 import math
 import os
 import signal
@@ -83,7 +84,7 @@ def test_image_text_loss_falls_on_a_tiny_run(tmp_path_factory, text_teacher, see
 
 
 def test_kill_and_resume_is_bit_exact_with_image_text_alignment(
-    synth_root, label_cache, text_teacher, tmp_path
+    synth_root, label_cache, text_teacher, synth_set, tmp_path, capsys
 ):
     def config(name):
         c = tiny_config(
@@ -127,5 +128,16 @@ def test_kill_and_resume_is_bit_exact_with_image_text_alignment(
     assert read_metadata(out)["text_teacher"] == {"teacher": text_teacher, "pretrained": None}
     pooled, _ = clasp.load_backbone(out).extract(torch.randn(2, 3, 32, 16))
     projected, scale = ImageTextHead.from_state_dict(head)(pooled)
-    assert projected.shape == (2, 32) and 0 < float(scale) <= 100
+    assert projected.shape == (2, 32) and 0 < float(scale.detach()) <= 100
     assert read_head(str(tmp_path / "straight" / "checkpoint.pt"), "parts") is None
+
+    # Text search with the head and the text tower it was trained against, from the export
+    # and from the checkpoint; a probe on request.
+    capsys.readouterr()
+    for source, projection in ((out, "auto"), (checkpoint, "auto"), (out, "probe")):
+        command = ["eval", "text-search", "--checkpoint", source, "--data", synth_set,
+                   "--format", "synth", "--projection", projection]  # fmt: skip
+        assert clasp_main(command) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["projection"] == ("probe" if projection == "probe" else "head")
+        assert text_teacher in result["teacher"] and result["sets"]["queries"] == 6
