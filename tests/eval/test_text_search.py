@@ -54,7 +54,9 @@ class ReadColours(nn.Module):
         top, bottom = (
             (pooled[:, s].argmax(1) + self.shift) % 3 for s in (slice(0, 3), slice(3, 6))
         )
-        codes = [_code(NAMES[t], NAMES[b]) for t, b in zip(top.tolist(), bottom.tolist())]
+        codes = [
+            _code(NAMES[t], NAMES[b]) for t, b in zip(top.tolist(), bottom.tolist(), strict=True)
+        ]
         return torch.stack(codes), torch.tensor(1.0)
 
 
