@@ -8,11 +8,14 @@ embeds their prompts, and the label cache and the model heads are sized by them.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from clasp.config import load_yaml
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.yaml")
+CAPTION_PREFIX = "a photo of a person: "
 
 
 @dataclass(frozen=True)
@@ -69,3 +72,18 @@ def load_prompts(path: str | None = None) -> Prompts:
         parts=dict(parts),
         attributes={g: dict(v) for g, v in attributes.items()},
     )
+
+
+def attribute_words(name: str) -> str:
+    """An attribute name in words: PETA's camel case ('upperBodyShortSleeve' -> 'upper body
+    short sleeve') or a vocabulary name ('upper_color=red' -> 'upper color red')."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name)
+    return re.sub(r"[=_\s]+", " ", spaced).strip().lower()
+
+
+def attribute_caption(names: Iterable[str]) -> str:
+    """The caption of a person from the names of the attributes it has, e.g. 'a photo of a
+    person: personal male, hair short' or 'a photo of a person: gender male, hair short'.
+    The one caption builder for attribute labels: the teacher fit writes it for PETA's
+    labels, pre-training for the teacher's attribute pseudo-labels."""
+    return CAPTION_PREFIX + ", ".join(attribute_words(n) for n in names)

@@ -57,3 +57,12 @@ def synth_set(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("synth")
     generate(str(root), ids=12, images_per_id=4, cameras=4, size=(64, 32), seed=3)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def cuhk_pedes_set(tmp_path_factory) -> str:
+    """10 identities x 2 images in CUHK-PEDES layout (`tests.utils.make_cuhk_pedes`): 6 train,
+    1 val, 3 test."""
+    from tests.utils import make_cuhk_pedes
+
+    return make_cuhk_pedes(str(tmp_path_factory.mktemp("cuhk-pedes")))

@@ -10,12 +10,14 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from clasp.kernels import poison_outputs
 from clasp.kernels.utils import poison_value
 from filelock import FileLock
+from PIL import Image
 
 # (atol, rtol) of a low-precision result against a reference run in fp64.
 # fp32 on CUDA is looser: tl.dot uses tf32 there, the interpreter computes in full fp32.
@@ -233,6 +235,27 @@ def make_label_cache(synth_root: str, root: str) -> str:
     return root
 
 
+# The tiny CLIP whose text tower pre-training's image-text tests read: at seed 0 its random
+# text tower tells the tiny synthetic set's captions apart well enough for the loss to fall.
+TINY_TEXT_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def make_text_teacher(root: str) -> str:
+    """A randomly initialised tiny CLIP (seed 0) in the teacher folder format."""
+    import open_clip
+
+    from clasp.teacher.loading import save_teacher
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        save_teacher(open_clip.CLIP(**TINY_TEXT_CLIP), TINY_TEXT_CLIP, root)
+    return root
+
+
 def tiny_config(synth_root: str, output_dir: str, labels: str | None = None, **sections) -> dict:
     """A 2-block ViT (dim 32) at 32x16 with a PC-MoE last block, 4 experts top-2."""
     from clasp.train.config import build_config
@@ -311,3 +334,46 @@ def finetune(
 def records(out) -> list[dict]:
     with open(os.path.join(str(out), "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# -- a tiny CUHK-PEDES-style set: each person's top and trousers are flat colours named in its
+# captions, so what a caption says is what its images show ----------------------------------
+
+COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+# (split, top, trousers) per identity: each colour in each place among the train identities,
+# and test identities wearing combinations no train identity wears.
+PEOPLE = [
+    ("train", "red", "red"), ("train", "green", "green"), ("train", "blue", "blue"),
+    ("train", "red", "green"), ("train", "green", "blue"), ("train", "blue", "red"),
+    ("val", "red", "red"),
+    ("test", "red", "blue"), ("test", "green", "red"), ("test", "blue", "green"),
+]  # fmt: skip
+IMAGES_PER_PERSON = 2
+SIZE = (64, 32)
+
+
+def captions(top: str, trousers: str) -> list[str]:
+    return [
+        f"A person in a {top} top and {trousers} trousers.",
+        f"Someone wearing {top} on top, {trousers} below.",
+    ]
+
+
+def make_cuhk_pedes(root: str) -> str:
+    """reid_raw.json and imgs/<camera folder>/<pid>_<n>.png under root; ids start at 11."""
+    records = []
+    for index, (split, top, trousers) in enumerate(PEOPLE):
+        for n in range(IMAGES_PER_PERSON):
+            pixels = np.zeros((*SIZE, 3), np.uint8)
+            pixels[: SIZE[0] // 2] = COLORS[top]
+            pixels[SIZE[0] // 2 :] = COLORS[trousers]
+            path = f"CUHK0{1 + n}/{index:04d}_{n}.png"
+            os.makedirs(os.path.join(root, "imgs", os.path.dirname(path)), exist_ok=True)
+            Image.fromarray(pixels).save(os.path.join(root, "imgs", path))
+            records.append(
+                {"split": split, "captions": captions(top, trousers), "file_path": path,
+                 "processed_tokens": [], "id": 11 + index}
+            )  # fmt: skip
+    with open(os.path.join(root, "reid_raw.json"), "w") as f:
+        json.dump(records, f)
+    return root

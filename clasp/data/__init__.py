@@ -16,8 +16,9 @@ and, where they apply:
     "skipped"    list[str]: unreadable files replaced by this sample (on_error="replace")
 
 `build_dataset(format, root, split)` opens any supported format (folder, synth, market,
-idfolder, peta, ccp, coco); `MultiCrop` and `EvalTransform` turn samples into model inputs
-with their label maps and keypoints following the geometry; `collate_samples` batches them.
+idfolder, peta, ccp, coco, cuhk-pedes); `MultiCrop` and `EvalTransform` turn samples into
+model inputs with their label maps and keypoints following the geometry; `collate_samples`
+batches them.
 """
 
 from clasp.data.base import FailedSample, LabelReadError, PersonDataset

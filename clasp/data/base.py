@@ -75,6 +75,9 @@ class PersonDataset(torch.utils.data.Dataset):
     attribute_names: list[str] | None = None
     part_names: list[str] | None = None
     keypoint_names: list[str] | None = None
+    # The texts describing each sample (a list per sample, in `paths` order), for sets that
+    # have them (synth, cuhk-pedes); read without decoding any image.
+    captions: list[list[str]] | None = None
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ FORMATS = {
     "msmt17": ("clasp.data.msmt17", "MSMT17Dataset", "train"),
     "pa100k": ("clasp.data.pa100k", "PA100KDataset", "trainval"),
     "lip": ("clasp.data.lip", "LIPDataset", "train"),
+    "cuhk-pedes": ("clasp.data.cuhk_pedes", "CuhkPedesDataset", "train"),
 }
 
 
@@ -36,7 +37,8 @@ def build_dataset(format: str, root: str, split: str | None = None, **kwargs) ->
     Formats and splits: folder (all, or a subfolder name), synth (all, train, test, query,
     gallery), market (train, query, gallery), idfolder (train, val, query, gallery, all),
     peta (all, train, test, or a subset name), ccp (all, train, test), coco (train, val),
-    msmt17 (train, val, query, gallery), pa100k (train, val, trainval, test), lip (train, val).
+    msmt17 (train, val, query, gallery), pa100k (train, val, trainval, test), lip (train, val),
+    cuhk-pedes (train, val, test, all).
     Keyword arguments go to the dataset (transform=, on_error=, and format options)."""
     cls = dataset_class(format)
     if not os.path.exists(root):

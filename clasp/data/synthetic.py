@@ -336,6 +336,7 @@ class SyntheticDataset(PersonDataset):
             [r["keypoints"] for r in self.records], dtype=np.float32
         ).reshape(len(self.records), len(self.keypoint_names), 3)
         self.paths = [os.path.join(root, r["image"]) for r in self.records]
+        self.captions = [[r["caption"]] for r in self.records]
         self.pids = [r["pid"] for r in self.records]
         self.cameras = [r["camera"] for r in self.records]
         self.check_not_empty("synthetic images")

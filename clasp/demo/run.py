@@ -317,7 +317,10 @@ def run_demo(
     paths = {k: os.path.join(out, k) for k in STAGE_FOLDERS}
     common = [
         f"data.root={paths['synth']}", f"seed={seed}", f"data.num_workers={workers}",
-        f"train.cpu_threads={threads}", *sizes["pretrain"], *pretrain_overrides,
+        f"train.cpu_threads={threads}", *sizes["pretrain"],
+        # the text tower of image-text alignment, should an override switch it on
+        # (`clasp demo loss.image_text=1.0`): the demo's own teacher
+        f"data.text_teacher={paths['teacher']}", *pretrain_overrides,
     ]  # fmt: skip
     clasp_config = build_config(
         config, [f"output_dir={paths['clasp']}", f"data.labels={paths['labels']}", *common]

@@ -5,12 +5,15 @@
     clasp eval parsing    --checkpoint CKPT --data DIR --format ccp|synth
     clasp eval pose       --checkpoint CKPT --data DIR --format coco|synth
     clasp eval all        --checkpoint CKPT --data DIR --format synth [--out DIR]
+    clasp eval zeroshot    --teacher NAME|DIR --data DIR --format peta|market|synth
+    clasp eval text-search --checkpoint CKPT --data DIR --format synth|cuhk-pedes
 
 CKPT is an exported backbone (.safetensors) or a training checkpoint, or `random` with
 `--config FILE` for the randomly initialised baseline. `--task` picks the prompt: a task
 name (reid, attributes, parsing, pose, generic) or a mix such as `reid=0.5,parsing=0.5`.
 `all` runs every protocol under every prompt of the model and prints the task x prompt
 matrix (with `--out`, also as JSON and a PNG heatmap). Splits: `clasp.eval.protocols`.
+zeroshot and text-search read text through a CLIP teacher: `clasp.eval.text_cli`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from clasp import RANDOM_WEIGHTS
 from clasp.atomic import write_json
 
+from . import text_cli
 from .features import FeatureBank, load_encoder, parse_task
 from .protocols import FORMATS, PRIMARY_METRIC, PROTOCOLS, SetLoader, run_protocol
 from .report import json_ready, matrix_table, plot_matrix
@@ -74,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompts", default=None, help="comma-separated prompts (default: all of the model's)"
     )
     p.add_argument("--out", default=None, help="folder for the matrix as JSON and PNG")
+    text_cli.add_parsers(sub)
 
 
 def _summary(result: dict) -> str:
@@ -87,6 +92,8 @@ def _summary(result: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.protocol in text_cli.COMMANDS:
+        return text_cli.main(args)
     # A backbone that cannot be loaded, a set that cannot be evaluated (e.g. re-ID with no
     # valid query) or an output that cannot be written raises; `clasp.cli` says it in one line.
     start = time.perf_counter()

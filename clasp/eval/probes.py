@@ -1,5 +1,5 @@
 """Linear probes on frozen features, fitted full-batch with L-BFGS (deterministic: zero
-initialisation, one batch, a fixed number of iterations).
+initialisation, one batch, a fixed number of iterations), or in closed form (`TextProbe`).
 
 Features are standardised with the training set's mean and standard deviation first, so
 one L2 strength suits encoders of any scale. Every loss is a mean over training targets
@@ -15,6 +15,9 @@ plus `l2 * ||W||^2` (the bias is not penalised).
   keypoint a softmax over the grid is trained against a Gaussian around the true position
   (sigma = one cell); predictions upsample the logits bilinearly to image resolution and
   take the argmax.
+- `TextProbe`: ridge regression from the features to L2-normalised text embeddings (least
+  squares in closed form), the image side of text-based search for a backbone without an
+  image-text head.
 """
 
 from __future__ import annotations
@@ -188,3 +191,24 @@ class HeatmapProbe:
         flat = up.flatten(2).argmax(-1)
         ys, xs = flat // width, flat % width
         return torch.stack([xs.float() + 0.5, ys.float() + 0.5], dim=-1)
+
+
+class TextProbe:
+    def __init__(self, l2: float = 1e-3):
+        self.l2 = l2
+
+    def fit(self, features: torch.Tensor, texts: torch.Tensor) -> TextProbe:
+        """features (N, D), texts (N, E) (normalised here): W, b minimising
+        mean ||x W + b - t||^2 + l2 ||W||^2 over the standardised features."""
+        self.scale = Standardizer(features)
+        x = self.scale(features).double()  # zero mean: the bias is the mean target
+        t = F.normalize(texts.double(), dim=-1)
+        self.bias = t.mean(0)
+        gram = x.T @ x / x.shape[0] + self.l2 * torch.eye(x.shape[1], dtype=x.dtype)
+        self.weight = torch.linalg.solve(gram, x.T @ (t - self.bias) / x.shape[0])
+        return self
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, E) embeddings in the text space (not normalised)."""
+        return (self.scale(features).double() @ self.weight + self.bias).float()

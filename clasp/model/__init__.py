@@ -7,7 +7,7 @@ pooled, patches = backbone.extract(images, task={"reid": 0.5, "attributes": 0.5}
 
 from clasp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-from .heads import AttributeHead, DINOHead, PartHead
+from .heads import AttributeHead, DINOHead, ImageTextHead, PartHead
 from .io import load_backbone, save_backbone, timm_state_dict
 from .pc_moe import PCMoE, PCMoEBlock
 from .pretrain_model import HEAD_DEFAULTS, PretrainModel
@@ -21,11 +21,13 @@ def build_model(
     num_parts: int | None = None,
     num_attributes: int | None = None,
     dino: dict | None = None,
+    text_dim: int | None = None,
 ) -> PretrainModel:
     """The pre-training model (backbone + heads) from a model or training config.
 
     dino: DINO head settings (HEAD_DEFAULTS["dino"] <- a training config's heads.dino <- dino).
     num_parts / num_attributes: build the part / attribute heads (None: no such head).
+    text_dim: build the image-text head into a text space of that width (None: none).
     """
     from clasp.config import load_yaml, merge
 
@@ -35,7 +37,7 @@ def build_model(
     config = config or {}
     head = merge(HEAD_DEFAULTS["dino"], (config.get("heads") or {}).get("dino") or {})
     head = merge(head, dino or {})
-    return PretrainModel(build_backbone(config), head, num_parts, num_attributes)
+    return PretrainModel(build_backbone(config), head, num_parts, num_attributes, text_dim)
 
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "AttributeHead",
     "ClaspViT",
     "DINOHead",
+    "ImageTextHead",
     "PCMoE",
     "PCMoEBlock",
     "PartHead",

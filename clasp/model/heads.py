@@ -1,6 +1,9 @@
-"""Pre-training heads: DINO projection, part labels on patches, attributes on the pooled token."""
+"""Pre-training heads: DINO projection, part labels on patches, attributes on the pooled token,
+and the image-text projection of the pooled token into a CLIP text space."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -73,6 +76,41 @@ class AttributeHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(pooled))
+
+
+class ImageTextHead(nn.Module):
+    """The pooled token projected into a CLIP teacher's text-embedding space, with the
+    learnable inverse temperature of the contrast: (B, D) -> ((B, E) not normalised, scalar).
+
+    The temperature starts at CLIP's 0.07 and its inverse is clamped at 100, as CLIP's is.
+    Kept in training checkpoints and exports (`clasp export`), so a student trained with
+    `loss.image_text` searches images by text with it (`clasp eval text-search`)."""
+
+    INIT_TEMPERATURE = 0.07
+    MAX_LOGIT_SCALE = 100.0
+
+    def __init__(self, in_dim: int, text_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.linear = nn.Linear(in_dim, text_dim)
+        _init_linear(self.linear)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.INIT_TEMPERATURE)))
+
+    @property
+    def text_dim(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.logit_scale.exp().clamp(max=self.MAX_LOGIT_SCALE)
+        return self.linear(self.norm(pooled)), scale
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> ImageTextHead:
+        """The head of a state dict holding norm.*, linear.* and logit_scale."""
+        text_dim, in_dim = state["linear.weight"].shape
+        head = cls(in_dim, text_dim)
+        head.load_state_dict(state, strict=True)
+        return head.eval()
 
 
 def _init_linear(module: nn.Module) -> None:

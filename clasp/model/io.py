@@ -5,7 +5,9 @@ An exported file holds the backbone's state dict under timm's VisionTransformer 
 of the PC-MoE blocks (`blocks.<i>.mlp.{w_gate,w_prompt,w1,b1,w2,b2}` in place of `fc1`/`fc2`)
 the task prompts (`prompts.embedding`, `prompts.norm.*`) and the prompt modulation of the
 blocks (`modulation.<i>.{scale,shift}.*`). Its safetensors metadata holds the model config
-as JSON, so the file alone rebuilds the backbone.
+as JSON, so the file alone rebuilds the backbone. Pre-training heads that downstream code
+uses (the image-text projection) may ride along under `heads.<name>.`; the backbone loaders
+leave them out.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ FORMAT = "clasp-backbone"
 VERSION = "1"
 # Backbone keys outside timm's ViT, kept beside it under these names in an export.
 CLASP_KEY_PREFIXES = ("prompts.", "modulation.")
+# Pre-training heads kept in an export for downstream use; not part of the backbone.
+HEADS_KEY_PREFIX = "heads."
 
 
 class CheckpointError(ValueError):
@@ -89,9 +93,15 @@ def import_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def save_backbone(
-    backbone: ClaspViT, path: str, *, default_task: TaskSpec = None, metadata: dict | None = None
+    backbone: ClaspViT,
+    path: str,
+    *,
+    default_task: TaskSpec = None,
+    metadata: dict | None = None,
+    heads: dict[str, torch.nn.Module] | None = None,
 ) -> None:
-    """Write the backbone to a safetensors file, atomically (temp file + rename)."""
+    """Write the backbone to a safetensors file, atomically (temp file + rename); `heads`
+    {name: module} are stored beside it under `heads.<name>.`."""
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -99,8 +109,12 @@ def save_backbone(
         "default_task": json.dumps(default_task if isinstance(default_task, str | dict) else None),
         **{k: json.dumps(v) for k, v in (metadata or {}).items()},
     }
+    tensors = export_state_dict(backbone)
+    for name, head in (heads or {}).items():
+        for key, tensor in head.state_dict().items():
+            tensors[f"{HEADS_KEY_PREFIX}{name}.{key}"] = tensor.detach().cpu().contiguous()
     with atomic_path(path) as tmp:
-        save_file(export_state_dict(backbone), tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=meta)
 
 
 def read_export(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -148,7 +162,9 @@ def timm_state_dict(path: str) -> dict[str, torch.Tensor]:
     moe_blocks = {i % config["depth"] for i in config["moe"]["blocks"]}
     moe_prefixes = tuple(f"blocks.{i}.mlp." for i in moe_blocks)
     return {
-        k: v for k, v in state.items() if not k.startswith((*moe_prefixes, *CLASP_KEY_PREFIXES))
+        k: v
+        for k, v in state.items()
+        if not k.startswith((*moe_prefixes, *CLASP_KEY_PREFIXES, HEADS_KEY_PREFIX))
     }
 
 
@@ -176,7 +192,9 @@ def load_backbone(
         state, config = read_export(path)
         default_task = config.pop("default_task")
         config = with_legacy_prompt(config)
-        state = import_state_dict(state)
+        state = import_state_dict(
+            {k: v for k, v in state.items() if not k.startswith(HEADS_KEY_PREFIX)}
+        )
         what = "the model config stored with them"
     else:
         checkpoint = read_checkpoint(path)
@@ -254,3 +272,33 @@ def is_safetensors(path: str) -> bool:
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return False
     return path.endswith(".safetensors")
+
+
+def read_head(path: str, name: str, *, weights: str = "student") -> dict[str, torch.Tensor] | None:
+    """The state dict of the pre-training head `name` (e.g. "image_text") kept in an export
+    (`heads.<name>.*`) or a training checkpoint (the model's `<name>_head.*`; `weights`: the
+    "student" or the EMA "teacher"); None when the file has no such head."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no backbone file at {path}")
+    if is_safetensors(path):
+        prefix = f"{HEADS_KEY_PREFIX}{name}."
+        with safe_open(path, framework="pt") as f:
+            keys = [k for k in f.keys() if k.startswith(prefix)]
+            state = {k.removeprefix(prefix): f.get_tensor(k) for k in keys}
+    else:
+        checkpoint = read_checkpoint(path)
+        source = checkpoint.get("model" if weights == "student" else "teacher") or {}
+        prefix = f"{name}_head."
+        state = {k.removeprefix(prefix): v for k, v in source.items() if k.startswith(prefix)}
+    return state or None
+
+
+def read_metadata(path: str) -> dict:
+    """The metadata of an export (`save_backbone`'s, JSON-decoded: "config" is the model
+    config), or of a training checkpoint {"training_config": its full training config}."""
+    if is_safetensors(path):
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        return {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
+    checkpoint = read_checkpoint(path)
+    return {"training_config": checkpoint.get("config", {})}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .heads import AttributeHead, DINOHead, PartHead
+from .heads import AttributeHead, DINOHead, ImageTextHead, PartHead
 from .vit import ClaspViT
 
 HEAD_DEFAULTS = {
@@ -24,13 +24,15 @@ HEAD_DEFAULTS = {
 
 
 class PretrainModel(nn.Module):
-    """backbone + DINO head (+ part head, + attribute head when their labels are trained).
+    """backbone + DINO head (+ part head, + attribute head when their labels are trained,
+    + image-text head into a text space of text_dim when image-text alignment is trained).
 
     forward(global_crops (G*B, 3, H, W), task_weights (B, n_tasks), local_crops (L*B, 3, h, w)
     or None) with crops ordered crop-major (all samples of crop 0, then crop 1, ...) returns
     a dict:
         dino_global (G*B, K), dino_local (L*B, K) or None,
         part_logits (G*B, gh, gw, n_parts) or None, attribute_logits (G*B, A) or None,
+        image_text (G*B, text_dim) or None and image_text_scale (scalar) or None,
         probs_mean (R, E), counts (R, E), z_loss (R,): routing statistics of every MoE layer
         and resolution (R = MoE layers x passes), for the auxiliary losses.
     """
@@ -41,6 +43,7 @@ class PretrainModel(nn.Module):
         dino: dict,
         num_parts: int | None = None,
         num_attributes: int | None = None,
+        text_dim: int | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -48,6 +51,8 @@ class PretrainModel(nn.Module):
         self.dino_head = DINOHead(dim, **dino)
         self.part_head = PartHead(dim, num_parts) if num_parts else None
         self.attribute_head = AttributeHead(dim, num_attributes) if num_attributes else None
+        # Built last, so that a model without it draws the same initial weights as before.
+        self.image_text_head = ImageTextHead(dim, text_dim) if text_dim else None
 
     def forward(
         self,
@@ -70,6 +75,9 @@ class PretrainModel(nn.Module):
             out["part_logits"] = self.part_head(patches)
         if label_heads and self.attribute_head is not None:
             out["attribute_logits"] = self.attribute_head(pooled)
+        out["image_text"] = out["image_text_scale"] = None
+        if label_heads and self.image_text_head is not None:
+            out["image_text"], out["image_text_scale"] = self.image_text_head(pooled)
         out["dino_local"] = None
         if local_crops is not None and local_crops.shape[0] > 0:
             tokens, r = self._tokens(local_crops, task_weights)

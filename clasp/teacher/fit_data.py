@@ -2,15 +2,14 @@
 attribute targets per prompt group and part grids, from a synthetic set or PETA.
 
 A synthetic set (`clasp synth`) brings its own captions, one-hot attributes and part masks;
-a PETA person gets a caption built from the names of its attributes (`words`) and targets
-through `PETA_TO_GROUP`, and no part grid.
+a PETA person gets a caption built from the names of its attributes
+(`clasp.vocabulary.attribute_caption`) and targets through `PETA_TO_GROUP`, and no part grid.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from PIL import Image
 
 from clasp.data.build import build_dataset
 from clasp.data.grids import grid_labels
-from clasp.vocabulary import Prompts
+from clasp.vocabulary import Prompts, attribute_caption
 
 
 def group_targets(vector, groups: dict[str, list[str]]) -> list[int]:
@@ -71,11 +70,6 @@ def peta_targets(names: list[str], groups: dict[str, list[str]]) -> list[int]:
     ]
 
 
-def words(name: str) -> str:
-    """'upperBodyShortSleeve' -> 'upper body short sleeve'."""
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name).lower()
-
-
 class _Example:
     """Dataset index -> (pixels, caption, pid, group targets, part grid or None); runs in
     DataLoader workers."""
@@ -99,7 +93,7 @@ class _Example:
         flags = sample["attributes"].tolist()
         names = self.dataset.attribute_names
         present = [n for n, v in zip(names, flags, strict=True) if v == 1]
-        caption = "a photo of a person: " + ", ".join(words(n) for n in present)
+        caption = attribute_caption(present)
         return pixels, caption, int(sample["pid"]), peta_targets(present, self.groups), None
 
 

@@ -134,17 +134,39 @@ class ClipTeacher(nn.Module):
             x = block(x)
         return x
 
-    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+    def _pooled(self, x: torch.Tensor, patch_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled embedding of the final tokens (B, L, D); with average pooling,
+        patch_weights (B, L - 1) replace the plain mean by a weighted one."""
         visual = self.model.visual
-        if visual.final_ln_after_pool:
-            pooled = visual.ln_post(x[:, 1:].mean(1) if visual.pool_type == "avg" else x[:, 0])
+        if visual.pool_type == "avg":
+            patches = x[:, 1:] if visual.final_ln_after_pool else visual.ln_post(x[:, 1:])
+            if patch_weights is None:
+                mean = patches.mean(1)
+            else:
+                weights = patch_weights.to(x.dtype)
+                weights = weights / weights.sum(1, keepdim=True).clamp(min=1e-12)
+                mean = torch.einsum("bp,bpd->bd", weights, patches)
+            pooled = visual.ln_post(mean) if visual.final_ln_after_pool else mean
         else:
-            x = visual.ln_post(x)
-            pooled = x[:, 1:].mean(1) if visual.pool_type == "avg" else x[:, 0]
+            pooled = visual.ln_post(x[:, 0])
         return pooled @ visual.proj
 
+    def _class_attention_bias(
+        self, patch_weights: torch.Tensor, block: nn.Module, x: torch.Tensor
+    ) -> torch.Tensor:
+        """An additive attention mask (B * heads, L, L): log(weight) on the class token's
+        row over the patch columns (floored at log 1e-4: a patch is never quite shut out), 0
+        everywhere else."""
+        B, L, _ = x.shape
+        heads = block.attn.num_heads
+        bias = x.new_zeros(B, L, L)
+        bias[:, 0, 1:] = patch_weights.to(x.dtype).clamp(min=1e-4).log()
+        return bias.repeat_interleave(heads, dim=0)
+
     @torch.no_grad()
-    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_image(
+        self, pixels: torch.Tensor, patch_weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled embedding (B, E) and dense patch features (B, gh * gw, E), not normalised.
 
         "plain": the final patch tokens through ln_post and the visual projection.
@@ -152,12 +174,22 @@ class ClipTeacher(nn.Module):
         attention output projection) through ln_post and the projection, skipping the
         query-key mixing, the residual and the MLP: each token keeps its own content, which
         localises far better than the final tokens of a CLIP trained on pooled embeddings.
+
+        patch_weights (B, gh * gw) >= 0, optional, says where to look: the class token's
+        attention over the patches in the last block is multiplied by them (and
+        renormalised), so the pooled embedding reads the weighted region through the path
+        CLIP was trained on (with average pooling, the final patches are averaged with these
+        weights). The dense features do not change.
         """
         visual = self.model.visual
         x = self._tokens_before_last_block(pixels)
         last = visual.transformer.resblocks[-1]
-        final = last(x)
-        pooled = self._pooled(final)
+        if patch_weights is None or visual.pool_type == "avg":
+            final = last(x)
+            pooled = self._pooled(final, patch_weights)
+        else:
+            final = last(x, attn_mask=self._class_attention_bias(patch_weights, last, x))
+            pooled = self._pooled(final)
         tokens = _value_path(last, x) if self.dense == "maskclip" else final
         dense = visual.ln_post(tokens[:, 1:]) @ visual.proj
         return pooled, dense

@@ -20,6 +20,12 @@ DEFAULTS = {
         "root": None,
         "split": None,  # None: the format's default split
         "labels": None,  # label cache folder from `clasp label`; None: no pseudo-label losses
+        # Image-text alignment (loss.image_text > 0; see clasp.train.captions): each image's
+        # caption, embedded once at start-up by a CLIP teacher's text tower.
+        "captions": "auto",  # auto: the set's own where it has them, else from the
+        #                      attribute pseudo-labels | dataset | labels
+        "text_teacher": None,  # open_clip model name or teacher folder; None: prompt_init's
+        "text_pretrained": None,  # pretrained tag or weights file for a model name
         "batch_size": 32,  # per process
         "num_workers": 2,
     },
@@ -55,6 +61,9 @@ DEFAULTS = {
         "attribute": 1.0,
         "load_balance": 0.01,
         "z_loss": 0.001,
+        # Image-text InfoNCE (VAL-PAT's ITC) of the class token, through a projection head,
+        # against the text tower's caption embeddings; 0 = off (no head is built).
+        "image_text": 0.0,
         "student_temp": 0.1,
         "teacher_temp": 0.07,
         "warmup_teacher_temp": 0.04,

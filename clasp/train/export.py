@@ -4,8 +4,10 @@
 
 The file holds timm VisionTransformer weight names for the dense parts, the PC-MoE router
 and expert weights and the task prompts, and the model config in its metadata (see
-`clasp.model.io`). Load it with `clasp.load_backbone(path, task=...)`; a plain timm ViT
-takes its dense weights through `clasp.model.timm_state_dict(path)`.
+`clasp.model.io`); a student trained with `loss.image_text` keeps its image-text head and
+the name of its text teacher beside them (for `clasp eval text-search`). Load it with
+`clasp.load_backbone(path, task=...)`; a plain timm ViT takes its dense weights through
+`clasp.model.timm_state_dict(path)`.
 """
 
 from __future__ import annotations
@@ -47,23 +49,29 @@ def parse_task(text: str | None):
 def main(args: argparse.Namespace) -> int:
     # A missing, damaged or mismatched checkpoint, or an output that cannot be written,
     # raises; `clasp.cli` says it in one line.
-    from clasp.model import load_backbone, save_backbone
+    from clasp.model import ImageTextHead, load_backbone, save_backbone
+    from clasp.model.io import read_head, read_metadata
+
+    from .captions import text_teacher_source
 
     task = parse_task(args.task)
     backbone = load_backbone(args.checkpoint, task, weights=args.weights)
+    head = read_head(args.checkpoint, "image_text", weights=args.weights)
+    metadata = {"source": args.checkpoint, "weights": args.weights}
+    heads = {}
+    if head is not None:
+        heads["image_text"] = ImageTextHead.from_state_dict(head)
+        name, pretrained = text_teacher_source(read_metadata(args.checkpoint)["training_config"])
+        metadata["text_teacher"] = {"teacher": name, "pretrained": pretrained}
     parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(parent):
         os.makedirs(parent)
         print(f"created {parent}")
-    save_backbone(
-        backbone,
-        args.out,
-        default_task=task,
-        metadata={"source": args.checkpoint, "weights": args.weights},
-    )
+    save_backbone(backbone, args.out, default_task=task, metadata=metadata, heads=heads)
     n = sum(p.numel() for p in backbone.parameters())
     print(
         f"wrote {args.out}: {args.weights} backbone, {n / 1e6:.2f}M parameters, "
         f"{len(backbone.moe_blocks)} PC-MoE block(s), tasks {list(backbone.tasks)}"
+        + (", with its image-text head" if heads else "")
     )
     return 0

@@ -26,6 +26,8 @@ class PretrainBatch(TypedDict, total=False):
     pseudo_parts: list[torch.Tensor]  # with labels: per global and local crop (B, gh, gw) int64,
     #                                   -1 = no label
     pseudo_attributes: torch.Tensor  # with labels: (B, A) soft attribute labels, NaN = unknown
+    caption_id: torch.Tensor  # with loss.image_text: (B,) int64 row of the caption table,
+    #                           -1 = no caption (`clasp.train.captions`)
     skipped: list[str]  # unreadable files that other samples replaced
 
 
@@ -33,7 +35,8 @@ class PretrainDataset(EpochSeededDataset):
     """Wraps a person dataset. Index with (epoch, i); returns one sample of a `PretrainBatch`:
     "crops" (list of n_global + n_local float tensors), "task" (int), "index", and with a
     label cache "pseudo_parts" (list of per-crop (gh, gw) int64, -1 = none) and
-    "pseudo_attributes" (A,) float (NaN when the image is not in the cache)."""
+    "pseudo_attributes" (A,) float (NaN when the image is not in the cache), and with
+    `caption_ids` (one per image, set by the trainer for image-text alignment) "caption_id"."""
 
     def __init__(
         self,
@@ -50,6 +53,7 @@ class PretrainDataset(EpochSeededDataset):
         self.task_probs = task_probs
         self.cache = cache
         self.keys = keys
+        self.caption_ids: torch.Tensor | None = None
         if cache is not None:
             self.num_attributes = len(cache.attribute_names)
             self.grid = cache.grid_size
@@ -76,6 +80,8 @@ class PretrainDataset(EpochSeededDataset):
         if self.cache is not None:
             result["pseudo_parts"] = out["crop_labels"]["pseudo_parts"]
             result["pseudo_attributes"] = attributes
+        if self.caption_ids is not None:
+            result["caption_id"] = int(self.caption_ids[index])
         if "skipped" in sample:
             result["skipped"] = sample["skipped"]
         return result

@@ -1,7 +1,8 @@
 """One pre-training step: the student and its EMA teacher, the losses, the optimiser.
 
 Multi-crop self-distillation from the EMA teacher, plus the part and attribute pseudo-label
-losses weighted per sample by the sample's task, plus the MoE auxiliaries. Used by the
+losses weighted per sample by the sample's task, plus image-text alignment (with
+`loss.image_text`: every sample, whatever its task), plus the MoE auxiliaries. Used by the
 training loop (`Trainer`) and, on synthetic batches, by the training-step benchmark.
 """
 
@@ -14,7 +15,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from clasp.losses import AttributeLoss, DINOLoss, PartLoss, load_balance_loss, router_z_loss
+from clasp.losses import (
+    AttributeLoss,
+    DINOLoss,
+    PartLoss,
+    image_text_loss,
+    load_balance_loss,
+    router_z_loss,
+)
 from clasp.model import build_model
 
 from . import distributed
@@ -23,13 +31,16 @@ from .schedules import Schedules
 
 log = logging.getLogger("clasp.train")
 
-LOSS_TERMS = ("dino", "part", "attribute", "load_balance", "z_loss")
+LOSS_TERMS = ("dino", "part", "attribute", "image_text", "load_balance", "z_loss")
 NO_DECAY_SUFFIXES = (".bias", ".b1", ".b2")
 
 
 class PretrainStep:
     """Builds the student (wrapped for DDP/FSDP), the EMA teacher, losses and optimiser, and
-    runs one optimiser step on a `PretrainBatch`; the step object of `TrainingLoop`."""
+    runs one optimiser step on a `PretrainBatch`; the step object of `TrainingLoop`.
+
+    text_embeddings (U, E): the caption table of image-text alignment (`loss.image_text`),
+    indexed by the batch's "caption_id"; None without it."""
 
     def __init__(
         self,
@@ -37,12 +48,16 @@ class PretrainStep:
         world: distributed.World,
         num_parts: int | None = None,
         num_attributes: int | None = None,
+        text_embeddings: torch.Tensor | None = None,
     ):
         self.config = config
         self.world = world
         self.device = world.device
         torch.manual_seed(int(config["seed"]))  # the same initial weights on every rank
-        model = build_model(config, num_parts=num_parts, num_attributes=num_attributes)
+        text_dim = text_embeddings.shape[1] if text_embeddings is not None else None
+        model = build_model(
+            config, num_parts=num_parts, num_attributes=num_attributes, text_dim=text_dim
+        )
         self._init_prompts(model)
         model.to(self.device)
         strategy = config["distributed"]["strategy"]
@@ -61,6 +76,9 @@ class PretrainStep:
         ).to(self.device)
         self.part_loss = PartLoss(loss["part_ignore_index"])
         self.attribute_loss = AttributeLoss()
+        self.text_embeddings = (
+            text_embeddings.to(self.device) if text_embeddings is not None else None
+        )
         self.loss_table = self._loss_table().to(self.device)
         self.schedules = Schedules(config["optim"], loss)
         amp = config["train"]["amp"]
@@ -161,6 +179,14 @@ class PretrainStep:
             soft = batch["pseudo_attributes"].to(self.device, non_blocking=True).repeat(G, 1)
             per_crop, _ = self.attribute_loss(out["attribute_logits"], soft)
             terms["attribute"] = (weights[:, 2] * per_crop.view(G, B).mean(0)).mean()
+        if out["image_text"] is not None:
+            ids = batch["caption_id"].to(self.device, non_blocking=True)
+            texts = self.text_embeddings[ids.clamp(min=0)]
+            per_crop = [
+                image_text_loss(image, texts, out["image_text_scale"], ids)
+                for image in out["image_text"].chunk(G)
+            ]
+            terms["image_text"] = torch.stack(per_crop).mean()
         if out["probs_mean"] is not None:
             terms["load_balance"] = load_balance_loss(out["probs_mean"], out["counts"])
             terms["z_loss"] = router_z_loss(out["z_loss"])

@@ -8,6 +8,7 @@ from clasp.data.collate import collate_samples
 from clasp.model.vit import check_model_config, model_config
 
 from . import distributed
+from .captions import caption_table
 from .loop import NonFiniteLossError, TrainingLoop, TrainResult, check_loop_config
 from .pretrain_data import build_pretrain_data, check_data_config
 from .step import LOSS_TERMS, PretrainStep
@@ -31,11 +32,16 @@ class Trainer(TrainingLoop):
         dataset, sampler, cache = build_pretrain_data(
             config, world.rank, world.size, config["model"]["patch_size"]
         )
+        texts = None
+        if config["loss"]["image_text"]:
+            texts = caption_table(config, dataset.dataset, cache, dataset.keys)
+            dataset.caption_ids = texts.ids
         pretrain_step = PretrainStep(
             config,
             world,
             num_parts=len(cache.part_names) if cache is not None else None,
             num_attributes=len(cache.attribute_names) if cache is not None else None,
+            text_embeddings=texts.embeddings if texts is not None else None,
         )
         super().__init__(
             config,

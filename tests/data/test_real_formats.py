@@ -34,6 +34,7 @@ def test_formats_are_the_documented_names():
         "msmt17",
         "pa100k",
         "lip",
+        "cuhk-pedes",
     }
 
 

@@ -11,9 +11,8 @@ from clasp.teacher.fit_data import (
     detect_format,
     group_targets,
     peta_targets,
-    words,
 )
-from clasp.vocabulary import load_prompts
+from clasp.vocabulary import attribute_caption, attribute_words, load_prompts
 from tests.utils import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 
@@ -33,7 +32,11 @@ def test_peta_captions_and_targets_come_from_its_attribute_names(shared_data):
     assert by_group["upper_color"] == -1  # two colours: ambiguous
     assert by_group["hat"] == groups["hat"].index("none")  # PETA lists what is present
     assert by_group["bag"] == -1
-    assert words("upperBodyShortSleeve") == "upper body short sleeve"
+    assert attribute_words("upperBodyShortSleeve") == "upper body short sleeve"
+    assert attribute_words("upper_color=red") == "upper color red"
+    assert attribute_caption(["personalMale", "hairShort"]) == (
+        "a photo of a person: personal male, hair short"
+    )
 
 
 def test_synthetic_examples_carry_captions_one_hot_targets_and_part_grids(synth_set):

@@ -91,3 +91,23 @@ def test_label_shapes_ranges_and_attribute_groups(teacher, backend):
     )
     for group in attributes.split(prompts.group_sizes, dim=-1):
         torch.testing.assert_close(group.sum(-1), torch.ones(4))
+
+
+def test_patch_weights_steer_the_class_tokens_attention(teacher):
+    pixels = teacher.normalize(_images(teacher, batch=2))
+    pooled, dense = teacher.encode_image(pixels)
+    n = dense.shape[1]
+    even, _ = teacher.encode_image(pixels, patch_weights=torch.ones(2, n))
+    torch.testing.assert_close(even, pooled)  # weights of one leave attention as it was
+    # All weight on patch j: the class token attends to itself and to patch j alone, as if
+    # the last block saw only those two tokens (up to the 1e-4 floor of the other weights).
+    j = int(torch.randint(n, ()))
+    weights = torch.zeros(2, n)
+    weights[:, j] = 1.0
+    focused, dense_focused = teacher.encode_image(pixels, patch_weights=weights)
+    x = teacher._tokens_before_last_block(pixels)
+    last = teacher.model.visual.transformer.resblocks[-1]
+    reference = teacher._pooled(last(x[:, [0, 1 + j]]))
+    torch.testing.assert_close(focused, reference, atol=2e-3, rtol=2e-3)
+    assert not torch.allclose(focused, pooled, atol=1e-2)
+    torch.testing.assert_close(dense_focused, dense)  # the dense features do not move

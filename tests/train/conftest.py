@@ -2,8 +2,10 @@ import pytest
 import yaml
 
 from tests.utils import (
+    build_once,
     make_label_cache,
     make_synth,
+    make_text_teacher,
     one_thread,  # noqa: F401  (autouse: one torch thread per test)
     tiny_config,
 )
@@ -33,3 +35,10 @@ def labelled_run(synth_root, label_cache, tmp_path_factory):
     export = str(root / "backbone.safetensors")
     assert clasp_main(["export", "--checkpoint", checkpoint, "--out", export]) == 0
     return str(config_file), checkpoint, export
+
+
+@pytest.fixture(scope="session")
+def text_teacher(tmp_path_factory) -> str:
+    """A randomly initialised tiny CLIP in the teacher folder format (pre-training reads only
+    its text tower). Read-only."""
+    return build_once(tmp_path_factory, "text-teacher", make_text_teacher)
