@@ -5,6 +5,16 @@ body (top), arms (sleeves, skin, hands), lower body (trousers, shorts, skirt, ba
 feet (shoes). An occluder is background; a carried bag is IGNORE (no part class fits it).
 Keypoint visibility follows COCO: 2 seen, 1 hidden (far side, back of the head, under an
 occluder or a bag), 0 outside the image (coordinates then 0).
+
+The image is a detector-like crop: the figure's box spans the camera's `figure_scale` of the
+image height (a child too: a detector box is tight), drawn `stretch` times wider than its
+body proportions and with the camera's keystone; behind it a `backdrop`, in front an
+occluder at times; then the camera's optics (lighting, blur, noise). Masks and keypoints are
+those of the drawn shapes before the blur: a blurred edge spills up to `blur_radius(blur)`
+pixels outside the mask.
+
+One file on purpose: `render` draws every shape from one set of body measurements, back to
+front, and the masks, keypoints and occluder rules depend on that order.
 """
 
 from __future__ import annotations
@@ -14,10 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clasp.data.pedestrians import KEYPOINT_NAMES, Camera, Identity
+from clasp.data.pedestrians import KEYPOINT_NAMES, VIEWS, Camera, Identity, backdrop
 
 BACKGROUND, HEAD, UPPER, ARMS, LOWER, FEET = range(6)
 IGNORE = -1
+FIGURE_EXTENT = 0.99  # the box of a standing figure, head to soles, in figure heights
 
 
 @dataclass
@@ -28,16 +39,26 @@ class Rendering:
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 of the figure's labelled pixels
     occluder: tuple[int, int, int, int] | None
     view: str
+    blur: float  # the Gaussian sigma applied, in pixels
 
 
 class _Canvas:
-    """An image and its part map painted back to front; each shape is a boolean mask."""
+    """An image and its part map painted back to front; each shape is a boolean mask.
 
-    def __init__(self, background: np.ndarray):
-        self.image = background.copy()
+    Shapes are given in body coordinates: x about the figure's centre line is divided by
+    `width_at(y)` (the stretch and keystone) before it is tested; `pixel_x` maps back."""
+
+    def __init__(self, background: np.ndarray, cx: float, width_at):
+        self.image = background
         self.parts = np.zeros(background.shape[:2], np.int8)
         h, w = self.parts.shape
-        self.yy, self.xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+        self.yy, px = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+        self.cx, self.width_at = cx, width_at
+        self.xx = cx + (px - cx) / width_at(self.yy)
+        self.px = px
+
+    def pixel_x(self, x, y):
+        return self.cx + (x - self.cx) * self.width_at(y)
 
     def paint(self, mask: np.ndarray, rgb, part: int) -> None:
         self.image[mask] = rgb
@@ -63,6 +84,28 @@ class _Canvas:
     def rect(self, x0, y0, x1, y1) -> np.ndarray:
         return (self.xx >= x0) & (self.xx < x1) & (self.yy >= y0) & (self.yy < y1)
 
+    def pixel_rect(self, x0, y0, x1, y1) -> np.ndarray:
+        return (self.px >= x0) & (self.px < x1) & (self.yy >= y0) & (self.yy < y1)
+
+
+def blur_radius(sigma: float) -> int:
+    """How far (pixels, per axis) `_blur` spreads a pixel; 0 when it does not blur."""
+    return int(math.ceil(2.5 * sigma)) if sigma >= 0.2 else 0
+
+
+def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of (H, W, 3), edges repeated; reaches `blur_radius(sigma)`."""
+    r = blur_radius(sigma)
+    if r == 0:
+        return image
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2).astype(np.float32)
+    k /= k.sum()
+    h, w = image.shape[:2]
+    padded = np.pad(image, ((r, r), (0, 0), (0, 0)), mode="edge")
+    image = sum(k[i] * padded[i : i + h] for i in range(2 * r + 1))
+    padded = np.pad(image, ((0, 0), (r, r), (0, 0)), mode="edge")
+    return sum(k[i] * padded[:, i : i + w] for i in range(2 * r + 1))
+
 
 def _towards(p, q, fraction):
     return (p[0] + fraction * (q[0] - p[0]), p[1] + fraction * (q[1] - p[1]))
@@ -84,28 +127,32 @@ def render(
     check that the part mask covers exactly the pixels the figure changed)."""
     h, w = size
     a = identity.attributes
+    view = VIEWS[rng.choice(len(VIEWS), p=camera.view_weights)]
     phase = rng.uniform(0, 2 * math.pi)
-    scale_jitter = rng.uniform(0.95, 1.05)
-    shift_x, shift_y = rng.normal(0, 0.05), rng.uniform(-0.025, 0.025)
+    fill = camera.figure_scale * rng.uniform(0.975, 1.025)
+    width_fill = rng.uniform(0.82, 0.95)
+    shift_x, shift_y = rng.normal(0, 0.025), rng.uniform(-0.015, 0.015)
     abduction = rng.uniform(0.05, 0.2)
     tints = rng.uniform(0.93, 1.07, (5, 3)).astype(np.float32)
-    image_gain = rng.uniform(0.95, 1.05)
+    image_gain = rng.uniform(0.85, 1.15) * rng.uniform(0.97, 1.03, 3).astype(np.float32)
+    light_angle, light_slope = rng.uniform(0, 2 * math.pi), rng.uniform(0, 0.12)
+    blur = camera.blur * rng.uniform(0.8, 1.2)
+    scene = backdrop(camera, np.random.default_rng(rng.integers(2**63)), size)
     occluded = rng.random() < occlusion
     occluder_kind, occluder_extent, occluder_offset = (
         rng.integers(3),
         rng.uniform(0.2, 0.45),
         rng.random(),
     )
-    occluder_rgb = rng.uniform(30, 220, 3).astype(np.float32)
+    occluder_rgb = (rng.uniform(30, 220) + rng.uniform(-25, 25, 3)).astype(np.float32)
     noise = rng.normal(0, camera.noise, (h, w, 3)).astype(np.float32)
 
     child, elderly = a["age"] == "child", a["age"] == "elderly"
     female = a["gender"] == "female"
-    fh = h * camera.figure_scale * identity.height * scale_jitter * (0.72 if child else 1.0)
-    ground = h * (0.5 + camera.figure_scale / 2 + shift_y)
-    top = ground - fh
-    cx = w * (0.5 + shift_x)
-    view = camera.view
+    fh = h * fill / FIGURE_EXTENT
+    ground = h * (0.5 + fill / 2 + shift_y)  # the soles
+    top = ground - FIGURE_EXTENT * fh
+    cx = w / 2  # the body's centre line; moved below to centre the figure's box
     side_view = view.startswith("side")
     facing = 1.0 if view == "side_right" else -1.0  # side views: +1 walks toward image right
     flat = 0.62 if side_view else 1.0  # a body seen from the side is narrower
@@ -118,8 +165,9 @@ def render(
     head_cy = top + head_ry + (0.012 * fh if elderly else 0.0)
     head_cx = cx + (facing * 0.02 * fh if side_view and elderly else 0.0)
     shoulder_y = at(0.22 if child else 0.18) + (0.01 * fh if elderly else 0.0)
-    waist_y, hip_y = at(0.45 if child else 0.42), at(0.55 if child else 0.52)
-    knee_y, ankle_y = at(0.76 if child else 0.74), at(0.95)
+    legs = 0.3 * (identity.height - 1.0)  # a tight box hides stature, not proportions
+    waist_y, hip_y = at((0.45 if child else 0.42) - legs), at((0.55 if child else 0.52) - legs)
+    knee_y, ankle_y = at((0.76 if child else 0.74) - legs / 2), at(0.95)
     b = identity.build
     shoulder_hw = (0.105 if female else 0.125) * fh * b
     waist_hw = (0.08 if female else 0.10) * fh * b
@@ -178,7 +226,21 @@ def render(
         ):
             joints[f"{side}_{name}"] = point
 
-    canvas = _Canvas(camera.background)
+    # A detector's box is tight around the person and resized to the crop: the figure is
+    # drawn `stretch` times wider so that its width fills `width_fill` of the image (within
+    # the aspect limits of such boxes), and its box is centred.
+    reach = max(thigh_r, arm_r, 0.045 * fh)
+    xs = [x for x, _ in joints.values()] + [head_cx - 1.3 * head_rx, head_cx + 1.3 * head_rx]
+    left, right = min(xs) - reach, max(xs) + reach
+    stretch = float(np.clip(width_fill * w / (right - left), 0.9, 1.5))
+    dx = w * (0.5 + shift_x) - (cx + stretch * ((left + right) / 2 - cx))
+    cx, head_cx = cx + dx, head_cx + dx
+    joints = {name: (x + dx, y) for name, (x, y) in joints.items()}
+
+    def width_at(y):  # pixel width per body width at row y: stretch and keystone
+        return stretch * (1.0 + camera.tilt * (0.5 - np.clip((y - top) / fh, 0.0, 1.0)))
+
+    canvas = _Canvas(scene, cx, width_at)
     skin = identity.skin * tints[0]
     upper_rgb, lower_rgb = identity.upper_rgb * tints[1], identity.lower_rgb * tints[2]
     hair_rgb, shoe_rgb = identity.hair_rgb * tints[3], identity.shoe_rgb
@@ -364,7 +426,7 @@ def render(
             occluder = (x0, y0, w - x0 * occluder_offset, h)
         else:  # something at the side: a pole, a passer-by
             # it covers `occluder_extent` of the figure's width, from one side
-            half = flat * shoulder_hw + arm_r
+            half = (flat * shoulder_hw + arm_r) * width_at(waist_y)
             edge = -1.0 if occluder_kind == 1 else 1.0
             reach = cx + edge * half * (1.0 - 2.0 * occluder_extent)
             y0 = h * 0.3 * occluder_offset
@@ -372,11 +434,17 @@ def render(
         occluder = tuple(
             int(round(min(max(v, 0), lim))) for v, lim in zip(occluder, (w, h, w, h), strict=True)
         )
-        canvas.paint(canvas.rect(*occluder), occluder_rgb, BACKGROUND)
+        canvas.paint(canvas.pixel_rect(*occluder), occluder_rgb, BACKGROUND)
 
-    image = canvas.image * (camera.gain * image_gain) + noise
+    light = light_slope * (
+        math.cos(light_angle) * (canvas.px / w - 0.5)
+        + math.sin(light_angle) * (canvas.yy / h - 0.5)
+    )
+    image = _blur(canvas.image, blur) * (camera.gain * image_gain)
+    image = image * (1.0 + light[..., None]) + noise
     image = np.clip(image + 0.5, 0, 255).astype(np.uint8)
     keypoints = _keypoints(joints, view, facing, near, head_cx, head_cy, head_rx, head_ry)
+    keypoints[:, 0] = canvas.pixel_x(keypoints[:, 0], keypoints[:, 1])
     _hide_keypoints(keypoints, canvas.parts, occluder, size, draw_figure)
     rows, cols = np.nonzero(canvas.parts)
     box = (
@@ -384,7 +452,7 @@ def render(
         if rows.size
         else (0, 0, 0, 0)
     )
-    return Rendering(image, canvas.parts, keypoints, box, occluder, view)
+    return Rendering(image, canvas.parts, keypoints, box, occluder, view, float(blur))
 
 
 def _keypoints(joints, view, facing, near, head_cx, head_cy, head_rx, head_ry) -> np.ndarray:

@@ -7,7 +7,8 @@ Output format (version 1):
     DIR/meta.json          written last: format, version, seed, size [H, W], ids, images_per_id,
                            num_images, num_train_ids, part_names, attribute_names,
                            attribute_groups {group: [values]}, group_sizes, keypoint_names,
-                           cameras [{camera, view, gain, figure_scale, noise}], occlusion
+                           cameras [{camera, view, views, gain, figure_scale, tilt, blur,
+                           noise}], occlusion
     DIR/labels.jsonl       one JSON record per image, sorted by (pid, n)
     DIR/images/<pid:05d>_c<camera:02d>_<n:03d>.png   RGB, stored uncompressed (fast to read)
     DIR/parts/<same name>.png                        8-bit part mask: the index into
@@ -19,6 +20,16 @@ side_left), "attributes" {group: value}, "attribute_vector" (0/1 in attribute_na
 one-hot per group), "keypoints" 17 x [x, y, visibility] in COCO order (pixels; visibility 2
 seen, 1 hidden, 0 outside the image), "caption", "box" [x0, y0, x1, y1] of the figure's
 labelled pixels and "occluder" [x0, y0, x1, y1] or null.
+
+Images look like a person detector's crops (`clasp.data.render`): the figure's box spans
+about 85-95% of the height and most of the width; behind it each image shows another part
+of its camera's scene, with passers-by and objects (background in the masks). A camera
+("cameras" in meta) has its own views ("views": how often each is seen, "view" the most
+frequent), brightness and colour cast ("gain"), box height ("figure_scale"), keystone
+("tilt"), blur (Gaussian sigma in pixels) and noise; an image jitters them. Masks and
+keypoints are those of the drawn shapes before the blur. Sets written before "views",
+"tilt" and "blur" existed read the same; their images had one background and view per
+camera.
 
 Attribute groups and part classes are the vocabulary's (`clasp.vocabulary`). Image n of
 identity p is seen by camera (p + n) mod C, so with M >= C every identity appears in every

@@ -28,13 +28,15 @@ def losses(records):
 
 
 def test_pseudo_label_losses_fall(synth_root, label_cache, tmp_path, seed):
-    config = tiny_config(synth_root, str(tmp_path), label_cache, optim={"steps": 14, "lr": 3e-3})
+    # The person fills most of a synthetic crop, so the part labels are not mostly background
+    # and no class prior lowers the loss in a few steps: 20 steps at a higher rate.
+    config = tiny_config(synth_root, str(tmp_path), label_cache, optim={"steps": 20, "lr": 6e-3})
     config["seed"] = seed
     # Every sample draws "generic" (both label losses at weight 0.5): a steady mix per batch.
     config["tasks"]["sampling"] = {"generic": 1.0}
     result = train(config)
     records = result.records
-    assert [r["step"] for r in records] == list(range(1, 15))
+    assert [r["step"] for r in records] == list(range(1, 21))
     assert all(math.isfinite(r[k]) for r in records for k in LOSS_KEYS if k in r)
     first, last = records[:4], records[-4:]
 
@@ -46,7 +48,7 @@ def test_pseudo_label_losses_fall(synth_root, label_cache, tmp_path, seed):
     for key in ("part", "attribute"):
         assert mean(last, key) < 0.92 * mean(first, key), (key, [r[key] for r in records])
     assert os.path.isfile(tmp_path / "losses.png")
-    assert load_checkpoint(result.checkpoint)["step"] == 14
+    assert load_checkpoint(result.checkpoint)["step"] == 20
 
 
 def test_loss_weights_follow_each_samples_task(synth_root, label_cache, tmp_path):
