@@ -8,7 +8,7 @@ import math
 import os
 
 from clasp.atomic import atomic_open, write_json
-from clasp.eval.report import json_ready
+from clasp.eval.report import json_ready, own_prompt_margins
 
 MODELS = ("random", "baseline", "clasp")  # the backbones compared, in table order
 MODEL_NAMES = {"random": "random init", "baseline": "self-distillation", "clasp": "CLASP"}
@@ -114,6 +114,22 @@ def results_table(results: dict) -> tuple[str, dict]:
     return "\n".join(lines), margins
 
 
+STEER_POINTS = 0.5  # an own-prompt margin that counts as the prompt steering its task
+
+
+def prompt_summary(out: str) -> dict:
+    """{} without out/task_prompt_matrix.json, else per task the own prompt's margin over the
+    best other prompt (points) and how many tasks it leads by at least STEER_POINTS."""
+    path = os.path.join(out, "task_prompt_matrix.json")
+    if not os.path.exists(path):
+        return {}
+    margins = own_prompt_margins(read_json(path))
+    return {
+        "own_minus_best_other": margins,
+        "steered": sum(m >= STEER_POINTS for m in margins.values()),
+    }
+
+
 def report(out: str, results: dict, stage_seconds: dict, total_seconds: float) -> str:
     """The markdown report of a finished run in `out`: the table, pseudo-label quality, times."""
     table, margins = results_table(results)
@@ -121,6 +137,15 @@ def report(out: str, results: dict, stage_seconds: dict, total_seconds: float) -
     labels = read_json(os.path.join(out, "pseudo_label_quality.json"))
     teacher = read_json(os.path.join(out, "teacher", "fit.json")).get("quality", {})
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in stage_seconds.items())
+    prompts = prompt_summary(out)
+    steering = (
+        "Task x prompt matrix (task_prompt_matrix.png): own prompt minus the best other prompt, "
+        + ", ".join(f"{p} {m:+.2f}" for p, m in prompts["own_minus_best_other"].items())
+        + f" points; ahead by at least {STEER_POINTS} points on {prompts['steered']} of "
+        f"{len(prompts['own_minus_best_other'])} tasks."
+        if prompts
+        else "No task x prompt matrix (the CLASP backbone has no task prompts)."
+    )
     lines = [
         "## CLASP demo: synthetic pedestrians, frozen-feature probes on unseen identities",
         "",
@@ -138,6 +163,8 @@ def report(out: str, results: dict, stage_seconds: dict, total_seconds: float) -
         f"{_pct(teacher.get('attribute_mA'))}%. It was fitted to the train identities' "
         "captions, attributes and part masks, so it stands in for a CLIP that knows the domain.",
         "",
+        steering,
+        "",
         f"Stage times: {timing}; this run {total_seconds:.0f} s.",
     ]
     return "\n".join(lines)
@@ -152,6 +179,7 @@ def summary(out: str, results: dict, stage_seconds: dict, settings: dict) -> dic
         "primary": {m: {p: r["value"] for p, r in v.items()} for m, v in results.items()},
         "margins_over_best_baseline": margins,
         "wins": sum(v > 0 for v in margins.values()),
+        "task_prompt": prompt_summary(out),
         "pseudo_label_quality": read_json(os.path.join(out, "pseudo_label_quality.json")),
         "teacher": read_json(os.path.join(out, "teacher", "fit.json")),
         "stage_seconds": stage_seconds,

@@ -39,7 +39,7 @@ BUDGET_S = {"synth": 25, "teacher": 100, "label": 20, "clasp": 230, "baseline": 
 SCALES = {
     "default": {
         "synth": {"ids": 200, "images_per_id": 8, "cameras": 4},
-        "teacher": ["steps=180", "max_seconds=120"],
+        "teacher": ["steps=180"],  # no time cap: the same fit on any machine
         "pretrain": [],  # the demo config's own steps and batch
     },
     # A smoke test: every stage on a handful of images and a tiny model.
@@ -62,7 +62,8 @@ SCALES = {
 # The self-distillation baseline: the same ViT with dense MLPs and no pseudo-label losses.
 BASELINE_OVERRIDES = ["model.moe.blocks=[]", "data.labels=null"]
 OVERLAYS = 8  # part-label overlays written by the label stage
-MIX, MIX_STEPS = ("reid", "parsing"), 5  # the prompt-mix sweep of the evaluation
+# The prompt-mix sweep of the evaluation; its end points are cells of the task x prompt matrix.
+MIX, MIX_STEPS = ("reid", "parsing"), 5
 
 
 STAGES_FILE = "stages.json"
@@ -70,7 +71,7 @@ STAGE_FOLDERS = ("synth", "teacher", "labels", "clasp", "baseline")
 # Everything the demo writes at the top of its output folder (and temporaries of these).
 DEMO_ENTRIES = (
     *STAGE_FOLDERS, STAGES_FILE, "eval.json", "pseudo_label_quality.json",
-    "task_prompt_matrix.json", *OUTPUTS,
+    "task_prompt_matrix.json", "prompt_mix.json", "prompt_mix.png", "ablation", *OUTPUTS,
 )  # fmt: skip
 
 
@@ -239,10 +240,12 @@ def _same_run(a: dict, b: dict) -> bool:
     return run_settings(a) == run_settings(b)
 
 
-def evaluate(models: dict, synth: str, out: str, weights: str = "student") -> dict:
-    """Every protocol on the synthetic split for each backbone (a CLASP backbone under the
-    protocol's own task prompt); CLASP's task x prompt matrix and its re-ID -> parsing prompt
-    mix to out."""
+def evaluate(
+    models: dict, synth: str, out: str, weights: str = "student", matrix: bool = True
+) -> dict:
+    """Every protocol on the synthetic split for each backbone {name: (checkpoint, config)}
+    (a backbone with task prompts under the protocol's own); with `matrix`, the "clasp"
+    backbone's task x prompt matrix and its re-ID -> parsing prompt mix to out."""
     from clasp.eval.features import FeatureBank, load_encoder
     from clasp.eval.protocols import (
         PROTOCOLS,
@@ -265,26 +268,100 @@ def evaluate(models: dict, synth: str, out: str, weights: str = "student") -> di
             result = run_protocol(protocol, bank, loader, "synth", synth, task)
             results[name][protocol] = result
             print(
-                f"[demo]   {MODEL_NAMES[name]:<17} {protocol:<10} {result['metric']:<4} "
+                f"[demo]   {MODEL_NAMES.get(name, name):<17} {protocol:<10} {result['metric']:<4} "
                 f"{100 * result['value']:5.1f}"
             )
-        if name == "clasp" and bank.tasks:
-            matrix = task_prompt_matrix(bank, loader, synth)
-            print(matrix_table(matrix))
-            save_json(os.path.join(out, "task_prompt_matrix.json"), matrix)
-            plot_matrix(matrix, os.path.join(out, "task_prompt_matrix.png"), "CLASP: task x prompt")
+        if matrix and name == "clasp" and bank.tasks:
+            table = task_prompt_matrix(bank, loader, synth)
+            print(matrix_table(table))
+            save_json(os.path.join(out, "task_prompt_matrix.json"), table)
+            plot_matrix(table, os.path.join(out, "task_prompt_matrix.png"), "CLASP: task x prompt")
             if {"reid", "parsing"} <= set(bank.tasks):
-                curve = prompt_mix_curve(bank, loader, synth, *MIX, steps=MIX_STEPS)
+                curve = prompt_mix_curve(bank, loader, synth, *MIX, steps=MIX_STEPS, matrix=table)
                 save_json(os.path.join(out, "prompt_mix.json"), curve)
                 plot_prompt_mix(
                     curve, os.path.join(out, "prompt_mix.png"), "CLASP: the prompt mixed"
                 )
-        print(f"[demo]   {MODEL_NAMES[name]} evaluated in {time.perf_counter() - start:.0f} s")
+        print(
+            f"[demo]   {MODEL_NAMES.get(name, name)} evaluated in "
+            f"{time.perf_counter() - start:.0f} s"
+        )
     return results
 
 
 # ---------------------------------------------------------------------------------------------
 # The whole demo
+
+
+class Demo:
+    """The settings of one demo folder: its paths, the pre-training configs of both runs and
+    the stages record. Bad settings raise before anything is written (see `run_demo`)."""
+
+    def __init__(
+        self, out: str, config: str, *, scale: str, seed: int, threads: int, workers: int,
+        pretrain_overrides: list[str],
+    ):  # fmt: skip
+        from clasp.config import resolve_config
+        from clasp.teacher.cache import file_sha256
+
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
+        self.config_file = os.path.abspath(resolve_config(config))
+        self.scale, self.sizes, self.seed = scale, SCALES[scale], seed
+        self.threads, self.workers = threads, workers
+        self.out = os.path.abspath(out)
+        self.paths = {k: os.path.join(self.out, k) for k in STAGE_FOLDERS}
+        self.common = [
+            f"data.root={self.paths['synth']}", f"seed={seed}", f"data.num_workers={workers}",
+            f"train.cpu_threads={threads}", *self.sizes["pretrain"],
+            # the text tower of image-text alignment, should an override switch it on
+            # (`clasp demo loss.image_text=1.0`): the demo's own teacher
+            f"data.text_teacher={self.paths['teacher']}", *pretrain_overrides,
+        ]  # fmt: skip
+        self.settings = {
+            "scale": scale, "config": self.config_file, "seed": seed,
+            "pretrain_overrides": list(pretrain_overrides),
+            "config_sha256": file_sha256(self.config_file),  # an edited config starts over too
+        }  # fmt: skip
+        self.stages = None
+
+    def pretrain_config(self, output_dir: str, overrides: list[str] = ()) -> dict:
+        """A pre-training config on the demo's set and pseudo-labels (`overrides` last)."""
+        from clasp.train.config import build_config
+
+        return build_config(
+            self.config_file,
+            [f"output_dir={output_dir}", f"data.labels={self.paths['labels']}", *self.common,
+             *overrides],
+        )  # fmt: skip
+
+    def open(self, force: bool) -> None:
+        """Check (and with `force` clear) the output folder, then read its stages record."""
+        import torch
+
+        check_output_folder(self.out)
+        if force:
+            removed = remove_demo_outputs(self.out)
+            if removed:
+                print(f"[demo] --force: removed {', '.join(removed)} from {self.out}")
+        os.makedirs(self.out, exist_ok=True)
+        torch.set_num_threads(self.threads)
+        budgets = BUDGET_S if self.scale == "default" else {}
+        self.stages = Stages(self.out, self.settings, budgets)
+
+    def data_stages(self) -> None:
+        """synth, teacher and label: the set and its pseudo-labels that every run trains on."""
+        paths, synth, seed = self.paths, self.sizes["synth"], self.seed
+        self.stages.run("synth", lambda: synthesize(
+            paths["synth"], synth["ids"], synth["images_per_id"], synth["cameras"], seed
+        ))  # fmt: skip
+        self.stages.run("teacher", lambda: fit_teacher(
+            paths["synth"], paths["teacher"], [*self.sizes["teacher"], f"seed={seed}"],
+            self.threads, self.workers,
+        ))  # fmt: skip
+        self.stages.run("label", lambda: label(
+            paths["synth"], paths["teacher"], paths["labels"], self.out, self.workers
+        ))  # fmt: skip
 
 
 def run_demo(
@@ -294,7 +371,7 @@ def run_demo(
     scale: str = "default",
     force: bool = False,
     seed: int = 0,
-    threads: int = 1,
+    threads: int = 2,
     workers: int = 1,
     pretrain_overrides: list[str] = (),
 ) -> dict:
@@ -303,56 +380,16 @@ def run_demo(
     `key.sub=value` for both pre-training runs. Bad settings raise before any stage runs:
     FileNotFoundError (config), KeyError / ValueError (overrides), OutputFolderError (an
     output folder holding files that are not a demo's)."""
-    import torch
-
-    from clasp.config import resolve_config
-    from clasp.teacher.cache import file_sha256
-    from clasp.train.config import build_config
-
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
-    config = os.path.abspath(resolve_config(config))
-    sizes = SCALES[scale]
-    out = os.path.abspath(out)
-    paths = {k: os.path.join(out, k) for k in STAGE_FOLDERS}
-    common = [
-        f"data.root={paths['synth']}", f"seed={seed}", f"data.num_workers={workers}",
-        f"train.cpu_threads={threads}", *sizes["pretrain"],
-        # the text tower of image-text alignment, should an override switch it on
-        # (`clasp demo loss.image_text=1.0`): the demo's own teacher
-        f"data.text_teacher={paths['teacher']}", *pretrain_overrides,
-    ]  # fmt: skip
-    clasp_config = build_config(
-        config, [f"output_dir={paths['clasp']}", f"data.labels={paths['labels']}", *common]
-    )
-    baseline_config = build_config(
-        config, [f"output_dir={paths['baseline']}", *common, *BASELINE_OVERRIDES]
-    )
-    check_output_folder(out)
-    if force:
-        removed = remove_demo_outputs(out)
-        if removed:
-            print(f"[demo] --force: removed {', '.join(removed)} from {out}")
-    os.makedirs(out, exist_ok=True)
-    torch.set_num_threads(threads)
-    settings = {
-        "scale": scale, "config": config, "seed": seed,
-        "pretrain_overrides": list(pretrain_overrides),
-        "config_sha256": file_sha256(config),  # an edited config starts over too
-    }  # fmt: skip
-    stages = Stages(out, settings, BUDGET_S if scale == "default" else {})
-    total = time.perf_counter()
-    synth = sizes["synth"]
-
-    stages.run("synth", lambda: synthesize(
-        paths["synth"], synth["ids"], synth["images_per_id"], synth["cameras"], seed
-    ))  # fmt: skip
-    stages.run("teacher", lambda: fit_teacher(
-        paths["synth"], paths["teacher"], [*sizes["teacher"], f"seed={seed}"], threads, workers
-    ))  # fmt: skip
-    stages.run("label", lambda: label(
-        paths["synth"], paths["teacher"], paths["labels"], out, workers
-    ))  # fmt: skip
+    demo = Demo(
+        out, config, scale=scale, seed=seed, threads=threads, workers=workers,
+        pretrain_overrides=pretrain_overrides,
+    )  # fmt: skip
+    paths = demo.paths
+    clasp_config = demo.pretrain_config(paths["clasp"])
+    baseline_config = demo.pretrain_config(paths["baseline"], BASELINE_OVERRIDES)
+    demo.open(force)
+    stages, total = demo.stages, time.perf_counter()
+    demo.data_stages()
     stages.run("clasp", lambda: pretrain(clasp_config))
     stages.run("baseline", lambda: pretrain(baseline_config))
 
@@ -362,9 +399,10 @@ def run_demo(
         "clasp": (os.path.join(paths["clasp"], "checkpoint.pt"), None),
     }
     stages.run("eval", lambda: save_json(
-        os.path.join(out, "eval.json"), evaluate(models, paths["synth"], out)
+        os.path.join(demo.out, "eval.json"), evaluate(models, paths["synth"], demo.out)
     ))  # fmt: skip
-    results = read_json(os.path.join(out, "eval.json"))
-    text = write_report(out, results, stages.seconds, time.perf_counter() - total, settings)
+    results = read_json(os.path.join(demo.out, "eval.json"))
+    text = write_report(demo.out, results, stages.seconds, time.perf_counter() - total,
+                        demo.settings)  # fmt: skip
     print("\n" + text)
-    return read_json(os.path.join(out, "summary.json"))
+    return read_json(os.path.join(demo.out, "summary.json"))

@@ -317,11 +317,13 @@ def prompt_mix_curve(
     *,
     l2: float = 1e-3,
     alpha: float = 0.2,
+    matrix: dict | None = None,
 ) -> dict:
     """Every protocol on a synthetic set as the prompt mixes from `start` to `end` (weight of
     `end` from 0 to 1 in `steps` points), like SOLIDER's semantic-weight sweep:
     {"start", "end", "weights": [...], "protocols": [...], "metrics": [...],
-    "values": [[protocol x weight]]}."""
+    "values": [[protocol x weight]]}. `matrix`: a `task_prompt_matrix` of the same bank, set
+    and settings, whose cells are taken for the two end points instead of running them."""
     if steps < 2:
         raise ValueError(f"a prompt mix needs at least 2 points, got {steps}")
     missing = [t for t in (start, end) if t not in bank.tasks]
@@ -333,13 +335,23 @@ def prompt_mix_curve(
     def mix(w: float):
         return start if w == 0 else end if w == 1 else {start: 1.0 - w, end: w}
 
-    values = [
-        [
-            run_protocol(protocol, bank, loader, "synth", root, mix(w), l2=l2, alpha=alpha)["value"]
-            for w in weights
+    def known(protocol: str, w: float) -> float | None:
+        prompt = start if w == 0 else end if w == 1 else None
+        if matrix is None or prompt is None or protocol not in matrix["protocols"]:
+            return None
+        return matrix["values"][matrix["protocols"].index(protocol)][
+            matrix["prompts"].index(prompt)
         ]
-        for protocol in protocols
-    ]
+
+    def value(protocol: str, w: float) -> float:
+        cell = known(protocol, w)
+        if cell is not None:
+            return cell
+        return run_protocol(protocol, bank, loader, "synth", root, mix(w), l2=l2, alpha=alpha)[
+            "value"
+        ]
+
+    values = [[value(protocol, w) for w in weights] for protocol in protocols]
     return {
         "start": start,
         "end": end,

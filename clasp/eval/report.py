@@ -52,6 +52,18 @@ def own_prompt_differences(matrix: dict) -> list[list[float]]:
     return out
 
 
+def own_prompt_margins(matrix: dict) -> dict[str, float]:
+    """Per protocol that has a prompt of its name, in points: its own-prompt value minus the
+    best value under any other prompt (> 0: the own prompt is best)."""
+    margins = {}
+    for protocol, row in zip(matrix["protocols"], matrix["values"], strict=True):
+        if protocol in matrix["prompts"]:
+            own = matrix["prompts"].index(protocol)
+            others = [v for j, v in enumerate(row) if j != own and not math.isnan(v)]
+            margins[protocol] = 100 * (row[own] - max(others)) if others else math.nan
+    return margins
+
+
 def plot_matrix(
     matrix: dict, path: str, title: str = "task x prompt", noise: float | None = None
 ) -> str:

@@ -160,3 +160,24 @@ def test_eval_errors_are_clear(synth_set, capsys):
                "--format", "synth"]  # fmt: skip
     assert clasp_main(missing) == 2
     assert "no backbone file" in capsys.readouterr().err
+
+
+def test_prompt_mix_curve_runs_every_protocol_and_takes_end_points_from_the_matrix(
+    synth_set, tiny_config
+):
+    from clasp.eval.features import load_encoder
+    from clasp.eval.protocols import PROTOCOLS, prompt_mix_curve, task_prompt_matrix
+
+    bank = FeatureBank(load_encoder("random", tiny_config, seed=0))
+    loader = SetLoader(bank.size)
+    curve = prompt_mix_curve(bank, loader, synth_set, "reid", "parsing", steps=3)
+    assert curve["weights"] == [0.0, 0.5, 1.0] and curve["protocols"] == list(PROTOCOLS)
+    matrix = task_prompt_matrix(bank, loader, synth_set, ["reid", "parsing"])
+    for row, cells in zip(curve["values"], matrix["values"], strict=True):
+        assert [row[0], row[2]] == cells  # the end points are the prompts themselves
+    marked = {**matrix, "values": [[-1.0, -2.0] for _ in matrix["values"]]}
+    reused = prompt_mix_curve(bank, loader, synth_set, "reid", "parsing", steps=3, matrix=marked)
+    for row, again in zip(curve["values"], reused["values"], strict=True):
+        assert again == [-1.0, row[1], -2.0]
+    with pytest.raises(ValueError, match="at least 2 points"):
+        prompt_mix_curve(bank, loader, synth_set, "reid", "parsing", steps=1)
