@@ -1,5 +1,5 @@
 """The demo's stages, each timed against a budget and skipped when an earlier run finished it
-(a killed demo resumes; a run with other settings starts over):
+(a killed demo resumes; a run with other settings redoes the stages those settings change):
 
   synth     synthetic pedestrians with full ground truth; identities split in halves:
             train (teacher fit, pre-training, probe training) and test (probe testing, re-ID)
@@ -128,27 +128,37 @@ class StageInterrupted(RuntimeError):
 
 
 class Stages:
-    """Runs named stages once, times them against their budget, skips finished ones."""
+    """Runs named stages once, times them against their budget, and skips those an earlier
+    run finished with the same settings. Each stage is recorded with the settings it depends
+    on (`run(..., depends_on=)`, all of the run's by default), so a run with other
+    pre-training settings redoes pre-training but keeps the synthetic set and its labels."""
 
     def __init__(self, out: str, settings: dict, budgets: dict):
         self.out, self.budgets, self.seconds = out, budgets, {}
+        self.settings = settings
         self.path = os.path.join(out, STAGES_FILE)
         state = read_json(self.path) if os.path.exists(self.path) else {}
-        if state and state.get("settings") != settings:
-            print(f"[demo] {out} holds a run with other settings: starting over")
-            state = {}
-        self.state = {"settings": settings, "done": state.get("done", {})}
+        done = state.get("done", {})
+        # A record without per-stage settings: every stage was run with its "settings". A
+        # stage is current when the settings it was run with agree on those it depends on.
+        made_with = state.get("made_with", {name: state.get("settings") for name in done})
+        self.state = {"settings": settings, "done": done, "made_with": made_with}
 
-    def run(self, name: str, fn) -> None:
+    def run(self, name: str, fn, depends_on: dict | None = None) -> None:
         budget = self.budgets.get(name)
+        wanted = self.settings if depends_on is None else depends_on
         if name in self.state["done"]:
-            self.seconds[name] = self.state["done"][name]
-            print(f"[demo] {name}: finished by an earlier run ({self.seconds[name]:.0f} s)")
-            return
+            made_with = self.state["made_with"].get(name) or {}
+            if all(made_with.get(k, object()) == v for k, v in wanted.items()):
+                self.seconds[name] = self.state["done"][name]
+                print(f"[demo] {name}: finished by an earlier run ({self.seconds[name]:.0f} s)")
+                return
+            print(f"[demo] {name}: an earlier run had other settings; running it again")
         print(f"[demo] {name} (budget {budget} s) ...", flush=True)
         start = time.perf_counter()
         fn()
         self.seconds[name] = self.state["done"][name] = time.perf_counter() - start
+        self.state["made_with"][name] = wanted
         save_json(self.path, self.state)
         print(f"[demo] {name}: {self.seconds[name]:.0f} s", flush=True)
 
@@ -352,16 +362,17 @@ class Demo:
     def data_stages(self) -> None:
         """synth, teacher and label: the set and its pseudo-labels that every run trains on."""
         paths, synth, seed = self.paths, self.sizes["synth"], self.seed
+        data = {"scale": self.scale, "seed": seed}  # what these stages depend on
         self.stages.run("synth", lambda: synthesize(
             paths["synth"], synth["ids"], synth["images_per_id"], synth["cameras"], seed
-        ))  # fmt: skip
+        ), data)  # fmt: skip
         self.stages.run("teacher", lambda: fit_teacher(
             paths["synth"], paths["teacher"], [*self.sizes["teacher"], f"seed={seed}"],
             self.threads, self.workers,
-        ))  # fmt: skip
+        ), data)  # fmt: skip
         self.stages.run("label", lambda: label(
             paths["synth"], paths["teacher"], paths["labels"], self.out, self.workers
-        ))  # fmt: skip
+        ), data)  # fmt: skip
 
 
 def run_demo(

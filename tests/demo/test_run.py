@@ -50,3 +50,31 @@ def test_tiny_demo_calls_every_stage_as_a_function_and_resumes(tmp_path, capsys,
     assert "| task (metric) | random init | self-distillation | CLASP |" in first
     assert all(f"[demo] {s}: finished by an earlier run" in second for s in STAGES)
     assert json.loads((out / "summary.json").read_text())["primary"] == summary["primary"]
+
+
+def test_stages_redo_only_what_other_settings_change(tmp_path, capsys):
+    from clasp.demo.run import STAGES_FILE, Stages
+
+    calls = []
+    data = {"scale": "tiny", "seed": 0}
+
+    def run_all(settings):
+        stages = Stages(str(tmp_path), settings, {})
+        depends_on = {k: settings[k] for k in ("scale", "seed")}
+        stages.run("synth", lambda: calls.append("synth"), depends_on)
+        stages.run("clasp", lambda: calls.append("clasp"))
+
+    run_all({**data, "pretrain_overrides": []})
+    run_all({**data, "pretrain_overrides": []})
+    assert calls == ["synth", "clasp"]  # the second run finished nothing again
+    run_all({**data, "pretrain_overrides": ["optim.steps=5"]})
+    assert calls == ["synth", "clasp", "clasp"]  # the synthetic set is kept
+    run_all({"scale": "tiny", "seed": 1, "pretrain_overrides": []})
+    assert calls[3:] == ["synth", "clasp"]
+    # A record of an earlier version (one "settings" for every stage) reads the same way.
+    old = {"settings": {**data, "pretrain_overrides": []}, "done": {"synth": 1.0, "clasp": 2.0}}
+    (tmp_path / STAGES_FILE).write_text(json.dumps(old))
+    calls.clear()
+    run_all({**data, "pretrain_overrides": ["optim.steps=5"]})
+    assert calls == ["clasp"]
+    assert "an earlier run had other settings" in capsys.readouterr().out
