@@ -154,7 +154,7 @@ class Stages:
                 print(f"[demo] {name}: finished by an earlier run ({self.seconds[name]:.0f} s)")
                 return
             print(f"[demo] {name}: an earlier run had other settings; running it again")
-        print(f"[demo] {name} (budget {budget} s) ...", flush=True)
+        print(f"[demo] {name}" + (f" (budget {budget} s)" if budget else "") + " ...", flush=True)
         start = time.perf_counter()
         fn()
         self.seconds[name] = self.state["done"][name] = time.perf_counter() - start

@@ -3,7 +3,6 @@ and one optimiser step: the step object of the shared `TrainingLoop`."""
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -12,6 +11,7 @@ import torch.nn as nn
 from clasp.losses import load_balance_loss, router_z_loss
 from clasp.model.vit import ClaspViT
 from clasp.train import distributed
+from clasp.train.loop import clip_and_check
 from clasp.train.schedules import cosine
 
 NO_DECAY_SUFFIXES = (".bias", ".b1", ".b2")
@@ -156,24 +156,13 @@ class FinetuneStep:
         weights_of = self.config["loss"]
         total = sum(float(weights_of.get(name, 1.0)) * value for name, value in terms.items())
         total.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, self.config["optim"]["clip_grad"] or math.inf
+        metrics, finite, stop_any = clip_and_check(
+            self.optimizer, total, terms, self.config["optim"]["clip_grad"], stop
         )
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        checked = torch.stack(
-            [total.detach(), *(t.detach() for t in terms.values()), grad_norm.to(self.device)]
-        ).float()
-        flags = torch.stack([(~torch.isfinite(checked)).any().float(), checked.new_tensor(stop)])
-        flags = distributed.all_reduce_max(flags).tolist()
-        numbers = checked.tolist()
-        metrics = {"loss": numbers[0], **dict(zip(terms, numbers[1:-1], strict=True))}
-        metrics["grad_norm"] = numbers[-1]
         metrics["lr"] = lr
-        if flags[0]:
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
-            return metrics, False, int(flags[1])
+            return metrics, False, stop_any
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return metrics, True, int(flags[1])
+        return metrics, True, stop_any

@@ -104,6 +104,32 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def clip_and_check(
+    optimizer: torch.optim.Optimizer,
+    total: torch.Tensor,
+    terms: dict[str, torch.Tensor],
+    clip_grad: float | None,
+    stop: bool,
+) -> tuple[dict[str, float], bool, int]:
+    """After backward: clip the gradients to `clip_grad` (None or 0: no clipping, but the
+    norm is still computed for the log and the finite check), then one sync across ranks for
+    both a finite check of every term and the norm and any rank's stop request. Returns
+    (metrics {"loss", each term, "grad_norm"}, finite, stop requested by any rank)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    checked = torch.stack(
+        [total.detach(), *(t.detach() for t in terms.values()), grad_norm.to(total.device)]
+    ).float()
+    flags = torch.stack([(~torch.isfinite(checked)).any().float(), checked.new_tensor(stop)])
+    flags = distributed.all_reduce_max(flags).tolist()
+    numbers = checked.tolist()
+    metrics = {"loss": numbers[0], **dict(zip(terms, numbers[1:-1], strict=True))}
+    metrics["grad_norm"] = numbers[-1]
+    return metrics, not flags[0], int(flags[1])
+
+
 class TrainingLoop:
     """Runs `train_step` over `dataset` in `sampler`'s order until config optim.steps.
 

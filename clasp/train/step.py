@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from clasp.losses import (
 from clasp.model import build_model
 
 from . import distributed
+from .loop import clip_and_check
 from .pretrain_data import PretrainBatch
 from .schedules import Schedules
 
@@ -210,26 +210,13 @@ class PretrainStep:
         if step < self.config["optim"]["freeze_last_layer_steps"]:
             for p in self.model.dino_head.last_layer_parameters():
                 p.grad = None
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        # max_norm inf: the norm is still computed (for the log and the finite check).
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, self.config["optim"]["clip_grad"] or math.inf
+        metrics, finite, stop_any = clip_and_check(
+            self.optimizer, total, terms, self.config["optim"]["clip_grad"], stop
         )
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        # One sync per step: finite check of every term, and any rank's stop request.
-        checked = torch.stack(
-            [total.detach(), *(t.detach() for t in terms.values()), grad_norm.to(self.device)]
-        ).float()
-        flags = torch.stack([(~torch.isfinite(checked)).any().float(), checked.new_tensor(stop)])
-        flags = distributed.all_reduce_max(flags).tolist()
-        numbers = checked.tolist()
-        metrics = {"loss": numbers[0], **dict(zip(terms, numbers[1:-1], strict=True))}
-        metrics["grad_norm"] = numbers[-1]
         metrics.update(values)
-        if flags[0]:
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
-            return metrics, False, int(flags[1])
+            return metrics, False, stop_any
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -237,4 +224,4 @@ class PretrainStep:
             torch._foreach_mul_(teacher, values["momentum"])
             torch._foreach_add_(teacher, student, alpha=1.0 - values["momentum"])
         self.dino_loss.update_center(teacher_dino)
-        return metrics, True, int(flags[1])
+        return metrics, True, stop_any
