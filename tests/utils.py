@@ -188,6 +188,19 @@ def build_once(tmp_path_factory, name: str, build) -> str:
     return str(path)
 
 
+# A tiny PC-MoE backbone at 64x32 as a config file's model section (the eager MoE path: no
+# Triton interpreter), for the commands that take --config.
+TINY_MODEL_YAML = """
+model:
+  img_size: [64, 32]
+  patch_size: 16
+  embed_dim: 32
+  depth: 2
+  num_heads: 2
+  kernels: reference
+  moe: {blocks: [-1], num_experts: 2, top_k: 1, mlp_ratio: 2.0}
+"""
+
 # -- a tiny synthetic set, its label cache, a tiny training config ------------------------------
 
 IMAGE_SIZE = (64, 32)
@@ -307,6 +320,15 @@ FAST = [
 ]
 
 
+def finetune_argv(recipe, data, fmt, out=None, *more, checkpoint="random", model=None) -> list:
+    """The command line `clasp finetune RECIPE --checkpoint ... --data DATA --format FMT
+    [--config MODEL] [--out OUT] MORE...`."""
+    argv = ["finetune", recipe, "--checkpoint", checkpoint, "--data", data, "--format", fmt]
+    argv += ["--config", model] if model else []
+    argv += ["--out", str(out)] if out is not None else []
+    return [*argv, *more]
+
+
 def finetune(
     recipe,
     data,
@@ -321,9 +343,7 @@ def finetune(
     """`clasp finetune RECIPE ...` in this process; returns its result.json."""
     from clasp.cli import main as clasp_main
 
-    argv = ["finetune", recipe, "--checkpoint", checkpoint, "--data", data, "--format", fmt]
-    argv += ["--config", model] if model else []
-    argv += ["--out", str(out)] if out is not None else []
+    argv = finetune_argv(recipe, data, fmt, out, checkpoint=checkpoint, model=model)
     argv += ["--eval-only"] if eval_only else []
     argv += [*extra, *FAST, *overrides]
     assert clasp_main(argv) == 0

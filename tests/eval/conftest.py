@@ -3,7 +3,10 @@ import timm
 import torch
 import torch.nn as nn
 
-from tests.utils import one_thread  # noqa: F401  (autouse: one torch thread per test)
+from tests.utils import (
+    TINY_MODEL_YAML,
+    one_thread,  # noqa: F401  (autouse: one torch thread per test)
+)
 
 
 class TimmPatchEncoder(nn.Module):
@@ -32,21 +35,9 @@ def encoder():
     return TimmPatchEncoder().eval()
 
 
-TINY_CLASP = """
-model:
-  img_size: [64, 32]
-  patch_size: 16
-  embed_dim: 32
-  depth: 2
-  num_heads: 2
-  kernels: reference
-  moe: {blocks: [-1], num_experts: 2, top_k: 1, mlp_ratio: 2.0}
-"""
-
-
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory):
     """A tiny CLASP backbone config (the eager MoE path: no Triton interpreter)."""
     path = tmp_path_factory.mktemp("config") / "tiny.yaml"
-    path.write_text(TINY_CLASP)
+    path.write_text(TINY_MODEL_YAML)
     return str(path)

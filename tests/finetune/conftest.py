@@ -1,19 +1,10 @@
 import pytest
 
 from clasp.data.synthetic import generate
-from tests.utils import one_thread  # noqa: F401  (autouse: one torch thread per test)
-
-# A tiny PC-MoE backbone at 64x32 (eager MoE: no Triton interpreter).
-TINY_MODEL = """
-model:
-  img_size: [64, 32]
-  patch_size: 16
-  embed_dim: 32
-  depth: 2
-  num_heads: 2
-  kernels: reference
-  moe: {blocks: [-1], num_experts: 2, top_k: 1, mlp_ratio: 2.0}
-"""
+from tests.utils import (
+    TINY_MODEL_YAML,
+    one_thread,  # noqa: F401  (autouse: one torch thread per test)
+)
 
 
 @pytest.fixture(scope="session")
@@ -28,5 +19,5 @@ def synth(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("model") / "tiny.yaml"
-    path.write_text(TINY_MODEL)
+    path.write_text(TINY_MODEL_YAML)
     return str(path)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from clasp.data.build import build_dataset
 from clasp.finetune.augment import swap_labels
-from tests.utils import finetune
+from tests.utils import finetune, finetune_argv
 
 
 def write_image(path, colour, size=(32, 16)):
@@ -142,19 +142,7 @@ def test_tensorboard_events_hold_the_logged_metrics(synth, tiny_model, tmp_path,
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     from clasp.cli import main as clasp_main
 
-    argv = [
-        "finetune",
-        "pose",
-        "--checkpoint",
-        "random",
-        "--config",
-        tiny_model,
-        "--data",
-        synth,
-        "--format",
-        "synth",
-        "--out",
-        str(tmp_path / "again"),
-        "train.tensorboard=true",
-    ]
+    argv = finetune_argv(
+        "pose", synth, "synth", tmp_path / "again", "train.tensorboard=true", model=tiny_model
+    )
     assert clasp_main(argv) == 2

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from clasp.cli import main as clasp_main
 from clasp.finetune.step import FinetuneStep
-from tests.utils import FAST, records
+from tests.utils import FAST, finetune_argv, records
 
 STEPS = 4
 
@@ -21,24 +21,10 @@ def losses(rows):
 @pytest.mark.parametrize("recipe", ["reid", "attributes", "parsing", "pose"])
 def test_a_resumed_run_is_bit_exact(recipe, synth, tiny_model, tmp_path, monkeypatch):
     def command(out, *more):
-        return [
-            "finetune",
-            recipe,
-            "--checkpoint",
-            "random",
-            "--config",
-            tiny_model,
-            "--data",
-            synth,
-            "--format",
-            "synth",
-            "--out",
-            str(out),
-            *FAST,
-            f"optim.steps={STEPS}",
-            "data.max_eval_images=8",
-            *more,
-        ]
+        return finetune_argv(
+            recipe, synth, "synth", out, *FAST, f"optim.steps={STEPS}",
+            "data.max_eval_images=8", *more, model=tiny_model,
+        )  # fmt: skip
 
     assert clasp_main(command(tmp_path / "straight")) == 0
     real = FinetuneStep.__call__

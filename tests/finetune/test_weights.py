@@ -11,24 +11,13 @@ from safetensors.torch import load_file, save_file
 from clasp.cli import main as clasp_main
 from clasp.finetune.weights import CheckpointError, load_initial
 from clasp.model import build_backbone, save_backbone
-from tests.utils import finetune
+from tests.utils import finetune, finetune_argv
 
 OVERRIDES = {"img_size": None, "drop_path_rate": 0.0, "kernels": None, "grad_checkpointing": False}
 
 
 def refused(capsys, synth, checkpoint, *extra) -> str:
-    argv = [
-        "finetune",
-        "reid",
-        "--checkpoint",
-        checkpoint,
-        "--data",
-        synth,
-        "--format",
-        "synth",
-        "--eval-only",
-        *extra,
-    ]
+    argv = finetune_argv("reid", synth, "synth", None, "--eval-only", *extra, checkpoint=checkpoint)
     capsys.readouterr()
     assert clasp_main(argv) == 2
     err = capsys.readouterr().err
@@ -114,19 +103,7 @@ def test_bad_paths_files_and_values_are_one_line_errors(capsys, synth, tiny_mode
     assert "unknown config key" in err and "'nope'" in err
     err = refused(capsys, synth, "random", "--config", tiny_model, "model.img_size=[60,32]")
     assert "must be a multiple of model.patch_size" in err
-    argv = [
-        "finetune",
-        "reid",
-        "--checkpoint",
-        "random",
-        "--config",
-        tiny_model,
-        "--data",
-        synth,
-        "--format",
-        "peta",
-        "--eval-only",
-    ]
+    argv = finetune_argv("reid", synth, "peta", None, "--eval-only", model=tiny_model)
     assert clasp_main(argv) == 2
     assert "reads formats market, idfolder, msmt17, synth" in capsys.readouterr().err
 
