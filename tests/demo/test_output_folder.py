@@ -15,7 +15,7 @@ class _FirstStage(Exception):
 
 
 def _stop_at_first_stage(monkeypatch):
-    def stop(self, name, fn):
+    def stop(self, name, fn, depends_on=None):
         raise _FirstStage(name)
 
     monkeypatch.setattr(demo_run.Stages, "run", stop)
