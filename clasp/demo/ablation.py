@@ -16,7 +16,7 @@ import time
 from clasp.atomic import atomic_open
 
 from .report import read_json, save_json
-from .run import Demo, Stages, evaluate, pretrain
+from .run import CLASP_OVERRIDES, Demo, Stages, evaluate, pretrain
 
 # name -> (what the table calls it, pre-training overrides)
 VARIANTS = {
@@ -30,6 +30,8 @@ VARIANTS = {
         ["model.prompt.routing=false", "model.prompt.modulation=none"],
     ),
     "clasp": ("full CLASP", []),
+    # The demo's CLASP run: + image-text alignment with pseudo-label captions.
+    "clasp+itc": ("full CLASP + image-text", CLASP_OVERRIDES),
 }
 FOLDER = "ablation"
 

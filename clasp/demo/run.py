@@ -6,7 +6,8 @@
   teacher   fit the offline open_clip teacher on the train identities (`clasp teacher fit`)
   label     the teacher's part and attribute pseudo-labels (`clasp label`), their quality
             against the ground truth of the train identities, and part-label overlays
-  clasp     pre-train CLASP: PC-MoE ViT, self-distillation + part + attribute losses
+  clasp     pre-train CLASP: PC-MoE ViT, self-distillation + part + attribute losses and
+            image-text alignment with captions from the attribute pseudo-labels
   baseline  pre-train self-distillation alone: the same ViT, dense MLPs, no pseudo-labels
   eval      frozen features of random-init, self-distillation and CLASP backbones on re-ID,
             attributes, parsing and pose (CLASP under each task's prompt), and CLASP's
@@ -59,6 +60,9 @@ SCALES = {
         ],
     },
 }  # fmt: skip
+# CLASP's run also aligns its class token with captions built from the teacher's attribute
+# pseudo-labels, embedded by the teacher's text tower (image-text alignment).
+CLASP_OVERRIDES = ["loss.image_text=1.0", "data.captions=labels"]
 # The self-distillation baseline: the same ViT with dense MLPs and no pseudo-label losses.
 BASELINE_OVERRIDES = ["model.moe.blocks=[]", "data.labels=null"]
 OVERLAYS = 8  # part-label overlays written by the label stage
@@ -324,8 +328,8 @@ class Demo:
         self.common = [
             f"data.root={self.paths['synth']}", f"seed={seed}", f"data.num_workers={workers}",
             f"train.cpu_threads={threads}", *self.sizes["pretrain"],
-            # the text tower of image-text alignment, should an override switch it on
-            # (`clasp demo loss.image_text=1.0`): the demo's own teacher
+            # the text tower of image-text alignment (CLASP's run; the baseline's too, should
+            # an override such as `clasp demo loss.image_text=1.0` switch it on there)
             f"data.text_teacher={self.paths['teacher']}", *pretrain_overrides,
         ]  # fmt: skip
         self.settings = {
@@ -396,7 +400,7 @@ def run_demo(
         pretrain_overrides=pretrain_overrides,
     )  # fmt: skip
     paths = demo.paths
-    clasp_config = demo.pretrain_config(paths["clasp"])
+    clasp_config = demo.pretrain_config(paths["clasp"], CLASP_OVERRIDES)
     baseline_config = demo.pretrain_config(paths["baseline"], BASELINE_OVERRIDES)
     demo.open(force)
     stages, total = demo.stages, time.perf_counter()
