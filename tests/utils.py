@@ -257,15 +257,16 @@ TINY_TEXT_CLIP = {
 }
 
 
-def make_text_teacher(root: str) -> str:
-    """A randomly initialised tiny CLIP (seed 0) in the teacher folder format."""
+def make_text_teacher(root: str, config: dict = TINY_TEXT_CLIP) -> str:
+    """A randomly initialised open_clip CLIP of `config` (seed 0, the caller's random state
+    left as it was) in the teacher folder format."""
     import open_clip
 
     from clasp.teacher.loading import save_teacher
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        save_teacher(open_clip.CLIP(**TINY_TEXT_CLIP), TINY_TEXT_CLIP, root)
+        save_teacher(open_clip.CLIP(**config), config, root)
     return root
 
 

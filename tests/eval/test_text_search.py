@@ -4,7 +4,6 @@
 import json
 import re
 
-import open_clip
 import pytest
 import torch
 import torch.nn as nn
@@ -13,7 +12,7 @@ from clasp.cli import main as clasp_main
 from clasp.eval.features import FeatureBank
 from clasp.eval.protocols import SetLoader
 from clasp.eval.text_search import caption_queries, evaluate_text_search
-from tests.utils import COLORS, IMAGES_PER_PERSON, PEOPLE
+from tests.utils import COLORS, IMAGES_PER_PERSON, PEOPLE, make_text_teacher
 
 NAMES = list(COLORS)
 ROTATION = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))[0]
@@ -90,19 +89,13 @@ def test_synthetic_queries_are_one_caption_per_identity():
 
 @pytest.fixture(scope="module")
 def tiny_text_clip(tmp_path_factory):
-    from clasp.teacher.loading import save_teacher
-
     config = {
         "embed_dim": 16,
         "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 16, "layers": 1,
                        "head_width": 16},
         "text_cfg": {"context_length": 32, "width": 32, "heads": 2, "layers": 1},
     }  # fmt: skip
-    path = str(tmp_path_factory.mktemp("clip"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        save_teacher(open_clip.CLIP(**config), config, path)
-    return path
+    return make_text_teacher(str(tmp_path_factory.mktemp("clip")), config)
 
 
 @pytest.mark.parametrize("format", ["cuhk-pedes", "synth"])

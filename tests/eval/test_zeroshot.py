@@ -5,7 +5,6 @@ heatmap, the guided embedding wired end to end on a teacher whose answers are kn
 import json
 import math
 
-import open_clip
 import pytest
 import torch
 
@@ -17,6 +16,7 @@ from clasp.eval.features import PreparedSet
 from clasp.eval.zeroshot import evaluate_zero_shot, keypoint_heatmap
 from clasp.teacher.model import TextEmbeddings
 from clasp.vocabulary import load_prompts
+from tests.utils import make_text_teacher
 
 PROMPTS = load_prompts()
 NAMES = PROMPTS.attribute_names
@@ -148,19 +148,13 @@ def test_guidance_from_the_teachers_part_labels_reaches_the_pooled_embedding():
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from clasp.teacher.loading import save_teacher
-
     config = {
         "embed_dim": 32,
         "vision_cfg": {"image_size": [64, 32], "patch_size": 8, "width": 32, "layers": 2,
                        "head_width": 16},
         "text_cfg": {"context_length": 32, "width": 32, "heads": 2, "layers": 1},
     }  # fmt: skip
-    path = str(tmp_path_factory.mktemp("clip"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        save_teacher(open_clip.CLIP(**config), config, path)
-    return path
+    return make_text_teacher(str(tmp_path_factory.mktemp("clip")), config)
 
 
 def test_zeroshot_command_scores_plain_and_guided_variants(synth_set, tiny_clip, capsys):
