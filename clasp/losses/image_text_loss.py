@@ -12,6 +12,7 @@ def image_text_loss(
     text: torch.Tensor,
     logit_scale: torch.Tensor,
     text_ids: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of N (image, text) pairs.
 
@@ -22,8 +23,11 @@ def image_text_loss(
             texts are equal are positives of each other (the target spreads evenly over
             them), not negatives: a batch may hold several images of one caption. Samples
             with id -1 take no part. None: every text is distinct.
-    Returns: the mean of the image-to-text and text-to-image cross-entropies over the samples
-    that take part (a zero that keeps the graph when fewer than two do).
+        weights: (N,) per-sample weights (a task's share of the loss); a sample of weight 0
+            takes no part in the contrast. None: all 1.
+    Returns: the mean over the samples that have a text (id >= 0) of weight x the mean of
+    the image-to-text and text-to-image cross-entropies, 0 for a sample that takes no part
+    (a zero that keeps the graph when fewer than two take part).
     """
     if image.shape != text.shape or image.ndim != 2:
         raise ValueError(
@@ -32,7 +36,10 @@ def image_text_loss(
         )
     if text_ids is None:
         text_ids = torch.arange(image.shape[0], device=image.device)
-    keep = text_ids >= 0
+    has_text = text_ids >= 0
+    if weights is None:
+        weights = torch.ones(image.shape[0], device=image.device)
+    keep = has_text & (weights > 0)
     if int(keep.sum()) < 2:
         return image.sum() * 0.0 + logit_scale * 0.0
     dtype = torch.promote_types(image.dtype, torch.float32)
@@ -42,6 +49,7 @@ def image_text_loss(
     logits = logit_scale.to(dtype) * image @ text.T  # (n, n): image i against text j
     same = (ids[:, None] == ids[None, :]).to(dtype)
     targets = same / same.sum(1, keepdim=True)  # symmetric: the same targets both ways
-    image_to_text = -(targets * logits.log_softmax(1)).sum(1).mean()
-    text_to_image = -(targets * logits.T.log_softmax(1)).sum(1).mean()
-    return 0.5 * (image_to_text + text_to_image)
+    image_to_text = -(targets * logits.log_softmax(1)).sum(1)
+    text_to_image = -(targets * logits.T.log_softmax(1)).sum(1)
+    per_sample = 0.5 * (image_to_text + text_to_image) * weights[keep].to(dtype)
+    return per_sample.sum() / has_text.sum()

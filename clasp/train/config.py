@@ -46,13 +46,14 @@ DEFAULTS = {
     "tasks": {
         # Each sample draws a task with these relative probabilities ...
         "sampling": {task: 1.0 for task in TASKS},
-        # ... and its losses are weighted by its task's row (SOLIDER-style per-sample weights).
+        # ... and its losses are weighted by its task's row (SOLIDER-style per-sample weights;
+        # a loss a row leaves out has weight 0 for that task).
         "loss_weights": {
-            "reid": {"dino": 1.0, "part": 0.0, "attribute": 0.0},
-            "attributes": {"dino": 1.0, "part": 0.0, "attribute": 1.0},
-            "parsing": {"dino": 1.0, "part": 1.0, "attribute": 0.0},
-            "pose": {"dino": 1.0, "part": 1.0, "attribute": 0.0},
-            "generic": {"dino": 1.0, "part": 0.5, "attribute": 0.5},
+            "reid": {"dino": 1.0, "part": 0.0, "attribute": 0.0, "image_text": 1.0},
+            "attributes": {"dino": 1.0, "part": 0.0, "attribute": 1.0, "image_text": 1.0},
+            "parsing": {"dino": 1.0, "part": 1.0, "attribute": 0.0, "image_text": 1.0},
+            "pose": {"dino": 1.0, "part": 1.0, "attribute": 0.0, "image_text": 1.0},
+            "generic": {"dino": 1.0, "part": 0.5, "attribute": 0.5, "image_text": 1.0},
         },
     },
     "loss": {
@@ -64,6 +65,13 @@ DEFAULTS = {
         # Image-text InfoNCE (VAL-PAT's ITC) of the class token, through a projection head,
         # against the text tower's caption embeddings; 0 = off (no head is built).
         "image_text": 0.0,
+        # How much of the gradient of the task losses (part, attribute, image-text) reaches
+        # the weights every task shares (patch embedding, attention, dense MLPs, norms):
+        # 1 = plain multi-task training; below 1, the rest of it trains only what the prompt
+        # selects (the PC-MoE experts and routers, the prompts and their modulation) and the
+        # heads, so task knowledge lands on the task's own path. Self-distillation always
+        # trains everything. Single-process runs only.
+        "shared_task_grad": 1.0,
         "student_temp": 0.1,
         "teacher_temp": 0.07,
         "warmup_teacher_temp": 0.04,

@@ -32,7 +32,21 @@ from .schedules import Schedules
 log = logging.getLogger("clasp.train")
 
 LOSS_TERMS = ("dino", "part", "attribute", "image_text", "load_balance", "z_loss")
+TASK_TERMS = ("part", "attribute", "image_text")  # the losses `loss.shared_task_grad` scales
+WEIGHTED_TERMS = ("dino", *TASK_TERMS)  # the columns of tasks.loss_weights
 NO_DECAY_SUFFIXES = (".bias", ".b1", ".b2")
+
+
+def check_loss_config(config: dict, world: distributed.World | None = None) -> None:
+    """Raise ValueError naming the loss setting that cannot work (with `world`: in it)."""
+    share = config["loss"]["shared_task_grad"]
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"loss.shared_task_grad must be in [0, 1], got {share}")
+    if share < 1.0 and world is not None and world.distributed:
+        raise ValueError(
+            "loss.shared_task_grad below 1 runs a second, partial backward pass, which DDP "
+            "and FSDP do not support; train in one process or leave it at 1"
+        )
 
 
 class PretrainStep:
@@ -80,6 +94,9 @@ class PretrainStep:
             text_embeddings.to(self.device) if text_embeddings is not None else None
         )
         self.loss_table = self._loss_table().to(self.device)
+        check_loss_config(config, world)
+        self.shared_task_grad = float(loss["shared_task_grad"])
+        self.task_params = self._task_params()
         self.schedules = Schedules(config["optim"], loss)
         amp = config["train"]["amp"]
         self.amp_dtype = (
@@ -123,14 +140,22 @@ class PretrainStep:
         return [teacher[n] for n in names], [student[n] for n in names]
 
     def _loss_table(self) -> torch.Tensor:
-        """(n_tasks, 3) per-task weights of the dino, part and attribute losses."""
+        """(n_tasks, 4) per-task weights of the dino, part, attribute and image-text losses."""
         table = self.config["tasks"]["loss_weights"]
         tasks = self.model.backbone.tasks
         missing = [t for t in tasks if t not in table]
         if missing:
             raise ValueError(f"tasks.loss_weights has no row for tasks {missing}")
-        rows = [[float(table[t].get(k, 0.0)) for k in ("dino", "part", "attribute")] for t in tasks]
+        rows = [[float(table[t].get(k, 0.0)) for k in WEIGHTED_TERMS] for t in tasks]
         return torch.tensor(rows)
+
+    def _task_params(self) -> list[torch.Tensor]:
+        """What the prompt selects (PC-MoE experts and routers, prompts, modulation) and the
+        task heads: the weights the task losses train in full (see loss.shared_task_grad)."""
+        model, backbone = self.model, self.model.backbone
+        modules = [*backbone.moe_layers, backbone.prompts, backbone.modulation]
+        modules += [model.part_head, model.attribute_head, model.image_text_head]
+        return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
 
     # -- the loop's interface -----------------------------------------------------------------
     def train(self) -> None:
@@ -166,7 +191,7 @@ class PretrainStep:
             with torch.no_grad():
                 teacher_out = self.teacher(global_crops, task_weights, None, label_heads=False)
             out = self.student(global_crops, task_weights, local_crops)
-        weights = self.loss_table[task]  # (B, 3)
+        weights = self.loss_table[task]  # (B, 4): WEIGHTED_TERMS
         targets = self.dino_loss.teacher_targets(teacher_out["dino_global"], values["teacher_temp"])
         dino = self.dino_loss(out["dino_global"], out["dino_local"], targets, G)
         terms = {"dino": (weights[:, 0] * dino).mean()}
@@ -183,7 +208,7 @@ class PretrainStep:
             ids = batch["caption_id"].to(self.device, non_blocking=True)
             texts = self.text_embeddings[ids.clamp(min=0)]
             per_crop = [
-                image_text_loss(image, texts, out["image_text_scale"], ids)
+                image_text_loss(image, texts, out["image_text_scale"], ids, weights[:, 3])
                 for image in out["image_text"].chunk(G)
             ]
             terms["image_text"] = torch.stack(per_crop).mean()
@@ -191,6 +216,16 @@ class PretrainStep:
             terms["load_balance"] = load_balance_loss(out["probs_mean"], out["counts"])
             terms["z_loss"] = router_z_loss(out["z_loss"])
         return terms, teacher_out["dino_global"]
+
+    def _backward(self, total: torch.Tensor, task: torch.Tensor | float) -> None:
+        """Gradients of `total`, of which the task losses' part (`task`) reaches the shared
+        weights scaled by loss.shared_task_grad and the task parameters in full."""
+        scale = self.shared_task_grad
+        if scale == 1.0 or not torch.is_tensor(task):
+            total.backward()
+            return
+        torch.autograd.backward((1.0 - scale) * task, inputs=self.task_params, retain_graph=True)
+        (total - (1.0 - scale) * task).backward()
 
     def __call__(
         self, batch: PretrainBatch, step: int, stop: int = 0
@@ -206,7 +241,7 @@ class PretrainStep:
         terms, teacher_dino = self.compute_losses(batch, values)
         weights = self.config["loss"]
         total = sum(weights[name] * value for name, value in terms.items())
-        total.backward()
+        self._backward(total, sum(weights[n] * terms[n] for n in TASK_TERMS if n in terms))
         if step < self.config["optim"]["freeze_last_layer_steps"]:
             for p in self.model.dino_head.last_layer_parameters():
                 p.grad = None

@@ -11,7 +11,7 @@ from . import distributed
 from .captions import caption_table
 from .loop import NonFiniteLossError, TrainingLoop, TrainResult, check_loop_config
 from .pretrain_data import build_pretrain_data, check_data_config
-from .step import LOSS_TERMS, PretrainStep
+from .step import LOSS_TERMS, PretrainStep, check_loss_config
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "train"]
 
@@ -24,6 +24,7 @@ class Trainer(TrainingLoop):
         check_loop_config(config)
         check_data_config(config)
         check_model_config(model_config(config["model"]))
+        check_loss_config(config)
         world = world or distributed.setup(config["distributed"]["backend"])
         if config["train"]["deterministic"]:
             torch.use_deterministic_algorithms(True)

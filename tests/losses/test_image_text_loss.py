@@ -42,3 +42,27 @@ def test_image_text_loss_counts_equal_texts_as_positives_and_skips_uncaptioned()
     assert lonely == 0
     with pytest.raises(ValueError, match=r"\(N, E\)"):
         image_text_loss(image, text[:4], scale)
+
+
+def test_image_text_loss_weights_samples_and_leaves_weight_zero_out_of_the_contrast():
+    image, text = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    ids = torch.tensor([0, 1, 2, 3, -1, 5])
+    scale = torch.tensor(7.0, dtype=torch.float64)
+    weights = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    got = image_text_loss(image, text, scale, ids, weights)
+    # The contrast among the captioned samples of weight > 0 (0, 1, 3, 5), each sample's
+    # two-way cross-entropy weighted, averaged over the 5 captioned samples.
+    keep = [0, 1, 3, 5]
+    logits = scale * F.normalize(image[keep], dim=1) @ F.normalize(text[keep], dim=1).T
+    labels = torch.arange(4)
+    per_sample = 0.5 * (
+        F.cross_entropy(logits, labels, reduction="none")
+        + F.cross_entropy(logits.T, labels, reduction="none")
+    )
+    assert_close(got, (per_sample * weights[keep]).sum() / 5)
+    image[2] += 10  # a weight-0 sample is not even a negative
+    assert_close(image_text_loss(image, text, scale, ids, weights), got)
+    ones = torch.ones(6, dtype=torch.float64)
+    assert_close(
+        image_text_loss(image, text, scale, ids, ones), image_text_loss(image, text, scale, ids)
+    )

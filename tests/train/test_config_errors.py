@@ -29,6 +29,7 @@ from clasp.train.config import DEFAULTS
             "model.embed_dim 192 must be divisible by model.num_heads 5",
         ),
         (["model.moe.top_k=9"], "model.moe.top_k must be in [1, model.moe.num_experts=4]"),
+        (["loss.shared_task_grad=1.5"], "loss.shared_task_grad must be in [0, 1], got 1.5"),
     ],
 )
 def test_bad_values_exit_2_naming_the_key(tmp_path, capsys, overrides, message):
@@ -61,3 +62,13 @@ def test_values_of_the_defaults_type_pass_and_whole_floats_become_ints():
     )
     assert config["optim"]["steps"] == 10000 and isinstance(config["optim"]["steps"], int)
     assert config["optim"]["lr"] == 1 and config["data"]["labels"] == "/x"
+
+
+def test_shared_task_grad_below_1_is_refused_in_a_distributed_run():
+    from clasp.train.distributed import World
+    from clasp.train.step import check_loss_config
+
+    config = load_config(DEFAULTS, None, ["loss.shared_task_grad=0.5"])
+    check_loss_config(config, World())  # one process: fine
+    with pytest.raises(ValueError, match="DDP and FSDP do not support"):
+        check_loss_config(config, World(rank=0, size=2))

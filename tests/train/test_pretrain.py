@@ -76,6 +76,40 @@ def test_loss_weights_follow_each_samples_task(synth_root, label_cache, tmp_path
     assert reid_only.any() and (w[reid_only] == 0).all()
 
 
+def test_shared_task_grad_keeps_task_gradients_off_the_shared_weights(
+    synth_root, label_cache, tmp_path
+):
+    config = tiny_config(synth_root, str(tmp_path), label_cache)
+    config["loss"]["shared_task_grad"] = 0.25
+    trainer = Trainer(config)
+    step = trainer.train_step
+    batch = next(iter(make_loader(trainer.dataset, trainer.sampler, trainer.config, 0)))
+    values = step.schedules(0)
+    weights = config["loss"]
+    params = dict(step.model.named_parameters())
+    task_names = {n for n, p in params.items() if any(p is q for q in step.task_params)}
+    assert any(".mlp.w1" in n for n in task_names) and "backbone.prompts.embedding" in task_names
+    assert not any(".attn." in n or "patch_embed" in n for n in task_names)
+
+    def gradients(fn):
+        terms, _ = step.compute_losses(batch, values)
+        total = sum(weights[k] * v for k, v in terms.items())
+        task = sum(weights[k] * terms[k] for k in step_module.TASK_TERMS if k in terms)
+        step.optimizer.zero_grad(set_to_none=True)
+        fn(total, task)
+        return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+
+    routed = gradients(step._backward)
+    full = gradients(lambda total, task: total.backward())
+    rest = gradients(lambda total, task: (total - task).backward())
+    for name, grad in full.items():
+        if name in task_names:  # the task losses train the prompt-selected path in full
+            torch.testing.assert_close(routed[name], grad)
+        else:  # and reach the shared weights at a quarter of their gradient
+            torch.testing.assert_close(routed[name], rest[name] + 0.25 * (grad - rest[name]))
+    assert any((full[n] - rest[n]).abs().max() > 0 for n in full if n not in task_names)
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(synth_root, label_cache, tmp_path):
     steps = 8
     straight = train(tiny_config(synth_root, str(tmp_path / "straight"), label_cache))
