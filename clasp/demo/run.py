@@ -260,7 +260,7 @@ def evaluate(
     """Every protocol on the synthetic split for each backbone {name: (checkpoint, config)}
     (a backbone with task prompts under the protocol's own); with `matrix`, the "clasp"
     backbone's task x prompt matrix and its re-ID -> parsing prompt mix to out."""
-    from clasp.eval.features import FeatureBank, load_encoder
+    from clasp.eval.features import FeatureBank, load_encoder, task_key
     from clasp.eval.protocols import (
         PROTOCOLS,
         SetLoader,
@@ -286,7 +286,8 @@ def evaluate(
                 f"{100 * result['value']:5.1f}"
             )
         if matrix and name == "clasp" and bank.tasks:
-            table = task_prompt_matrix(bank, loader, synth)
+            own = {(p, task_key(r["task"])): r["value"] for p, r in results[name].items()}
+            table = task_prompt_matrix(bank, loader, synth, known=own)
             print(matrix_table(table))
             save_json(os.path.join(out, "task_prompt_matrix.json"), table)
             plot_matrix(table, os.path.join(out, "task_prompt_matrix.png"), "CLASP: task x prompt")

@@ -287,17 +287,23 @@ def task_prompt_matrix(
     *,
     l2: float = 1e-3,
     alpha: float = 0.2,
+    known: dict | None = None,
 ) -> dict:
     """Every protocol on a synthetic set under every prompt: {"prompts": [...],
-    "protocols": [...], "metrics": [...], "values": [[protocol x prompt]]}."""
+    "protocols": [...], "metrics": [...], "values": [[protocol x prompt]]}. `known`:
+    {(protocol, task_key(prompt)): value} of cells already run with this bank, set and
+    settings, taken instead of running them again."""
     prompts = list(prompts if prompts is not None else (bank.tasks or [None]))
-    values = [
-        [
-            run_protocol(protocol, bank, loader, "synth", root, p, l2=l2, alpha=alpha)["value"]
-            for p in prompts
+    known = known or {}
+
+    def value(protocol: str, prompt) -> float:
+        if (protocol, task_key(prompt)) in known:
+            return known[protocol, task_key(prompt)]
+        return run_protocol(protocol, bank, loader, "synth", root, prompt, l2=l2, alpha=alpha)[
+            "value"
         ]
-        for protocol in PROTOCOLS
-    ]
+
+    values = [[value(protocol, p) for p in prompts] for protocol in PROTOCOLS]
     return {
         "prompts": [task_key(p) for p in prompts],
         "protocols": list(PROTOCOLS),

@@ -22,12 +22,14 @@ def build_model(
     num_attributes: int | None = None,
     dino: dict | None = None,
     text_dim: int | None = None,
+    num_joints: int | None = None,
 ) -> PretrainModel:
     """The pre-training model (backbone + heads) from a model or training config.
 
     dino: DINO head settings (HEAD_DEFAULTS["dino"] <- a training config's heads.dino <- dino).
     num_parts / num_attributes: build the part / attribute heads (None: no such head).
     text_dim: build the image-text head into a text space of that width (None: none).
+    num_joints: build the joint head with that many part pairs (None: none).
     """
     from clasp.config import load_yaml, merge
 
@@ -37,7 +39,9 @@ def build_model(
     config = config or {}
     head = merge(HEAD_DEFAULTS["dino"], (config.get("heads") or {}).get("dino") or {})
     head = merge(head, dino or {})
-    return PretrainModel(build_backbone(config), head, num_parts, num_attributes, text_dim)
+    return PretrainModel(
+        build_backbone(config), head, num_parts, num_attributes, text_dim, num_joints
+    )
 
 
 __all__ = [

@@ -25,7 +25,8 @@ HEAD_DEFAULTS = {
 
 class PretrainModel(nn.Module):
     """backbone + DINO head (+ part head, + attribute head when their labels are trained,
-    + image-text head into a text space of text_dim when image-text alignment is trained).
+    + image-text head into a text space of text_dim when image-text alignment is trained,
+    + joint head over num_joints part pairs when the joint loss is trained).
 
     forward(global_crops (G*B, 3, H, W), task_weights (B, n_tasks), local_crops (L*B, 3, h, w)
     or None) with crops ordered crop-major (all samples of crop 0, then crop 1, ...) returns
@@ -33,6 +34,7 @@ class PretrainModel(nn.Module):
         dino_global (G*B, K), dino_local (L*B, K) or None,
         part_logits (G*B, gh, gw, n_parts) or None, attribute_logits (G*B, A) or None,
         image_text (G*B, text_dim) or None and image_text_scale (scalar) or None,
+        joint_logits (G*B, gh, gw, num_joints) or None,
         probs_mean (R, E), counts (R, E), z_loss (R,): routing statistics of every MoE layer
         and resolution (R = MoE layers x passes), for the auxiliary losses.
     """
@@ -44,6 +46,7 @@ class PretrainModel(nn.Module):
         num_parts: int | None = None,
         num_attributes: int | None = None,
         text_dim: int | None = None,
+        num_joints: int | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -53,6 +56,7 @@ class PretrainModel(nn.Module):
         self.attribute_head = AttributeHead(dim, num_attributes) if num_attributes else None
         # Built last, so that a model without it draws the same initial weights as before.
         self.image_text_head = ImageTextHead(dim, text_dim) if text_dim else None
+        self.joint_head = PartHead(dim, num_joints) if num_joints else None  # per patch, too
 
     def forward(
         self,
@@ -68,11 +72,13 @@ class PretrainModel(nn.Module):
         prefix = self.backbone.vit.num_prefix_tokens
         pooled = tokens[:, 0]
         out["dino_global"] = self.dino_head(pooled)
-        out["part_logits"] = out["attribute_logits"] = None
+        out["part_logits"] = out["attribute_logits"] = out["joint_logits"] = None
+        gh, gw = self.backbone.grid_size(*global_crops.shape[2:])
+        patches = tokens[:, prefix:].reshape(tokens.shape[0], gh, gw, -1)
         if label_heads and self.part_head is not None:
-            gh, gw = self.backbone.grid_size(*global_crops.shape[2:])
-            patches = tokens[:, prefix:].reshape(tokens.shape[0], gh, gw, -1)
             out["part_logits"] = self.part_head(patches)
+        if label_heads and self.joint_head is not None:
+            out["joint_logits"] = self.joint_head(patches)
         if label_heads and self.attribute_head is not None:
             out["attribute_logits"] = self.attribute_head(pooled)
         out["image_text"] = out["image_text_scale"] = None

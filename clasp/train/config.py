@@ -49,11 +49,14 @@ DEFAULTS = {
         # ... and its losses are weighted by its task's row (SOLIDER-style per-sample weights;
         # a loss a row leaves out has weight 0 for that task).
         "loss_weights": {
-            "reid": {"dino": 1.0, "part": 0.0, "attribute": 0.0, "image_text": 1.0},
-            "attributes": {"dino": 1.0, "part": 0.0, "attribute": 1.0, "image_text": 1.0},
-            "parsing": {"dino": 1.0, "part": 1.0, "attribute": 0.0, "image_text": 1.0},
-            "pose": {"dino": 1.0, "part": 1.0, "attribute": 0.0, "image_text": 1.0},
-            "generic": {"dino": 1.0, "part": 0.5, "attribute": 0.5, "image_text": 1.0},
+            task: dict(zip(("dino", "part", "attribute", "image_text", "joint"), row, strict=True))
+            for task, row in (
+                ("reid", (1.0, 0.0, 0.0, 1.0, 0.0)),
+                ("attributes", (1.0, 0.0, 1.0, 1.0, 0.0)),
+                ("parsing", (1.0, 1.0, 0.0, 1.0, 0.0)),
+                ("pose", (1.0, 1.0, 0.0, 1.0, 1.0)),
+                ("generic", (1.0, 0.5, 0.5, 1.0, 0.5)),
+            )
         },
     },
     "loss": {
@@ -65,6 +68,9 @@ DEFAULTS = {
         # Image-text InfoNCE (VAL-PAT's ITC) of the class token, through a projection head,
         # against the text tower's caption embeddings; 0 = off (no head is built).
         "image_text": 0.0,
+        # Joints where two body parts meet in the part pseudo-labels (clasp.losses.joint_loss),
+        # a spatial softmax per part pair over the patches; 0 = off (no head is built).
+        "joint": 0.0,
         # How much of the gradient of the task losses (part, attribute, image-text) reaches
         # the weights every task shares (patch embedding, attention, dense MLPs, norms):
         # 1 = plain multi-task training; below 1, the rest of it trains only what the prompt

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from clasp.losses import (
     AttributeLoss,
     DINOLoss,
+    JointLoss,
     PartLoss,
     image_text_loss,
     load_balance_loss,
@@ -31,8 +32,13 @@ from .schedules import Schedules
 
 log = logging.getLogger("clasp.train")
 
-LOSS_TERMS = ("dino", "part", "attribute", "image_text", "load_balance", "z_loss")
-TASK_TERMS = ("part", "attribute", "image_text")  # the losses `loss.shared_task_grad` scales
+LOSS_TERMS = ("dino", "part", "attribute", "image_text", "joint", "load_balance", "z_loss")
+TASK_TERMS = (
+    "part",
+    "attribute",
+    "image_text",
+    "joint",
+)  # the losses `loss.shared_task_grad` scales
 WEIGHTED_TERMS = ("dino", *TASK_TERMS)  # the columns of tasks.loss_weights
 NO_DECAY_SUFFIXES = (".bias", ".b1", ".b2")
 
@@ -63,6 +69,7 @@ class PretrainStep:
         num_parts: int | None = None,
         num_attributes: int | None = None,
         text_embeddings: torch.Tensor | None = None,
+        joint_pairs: list[tuple[int, int]] | None = None,
     ):
         self.config = config
         self.world = world
@@ -70,7 +77,11 @@ class PretrainStep:
         torch.manual_seed(int(config["seed"]))  # the same initial weights on every rank
         text_dim = text_embeddings.shape[1] if text_embeddings is not None else None
         model = build_model(
-            config, num_parts=num_parts, num_attributes=num_attributes, text_dim=text_dim
+            config,
+            num_parts=num_parts,
+            num_attributes=num_attributes,
+            text_dim=text_dim,
+            num_joints=len(joint_pairs) if joint_pairs else None,
         )
         self._init_prompts(model)
         model.to(self.device)
@@ -90,6 +101,7 @@ class PretrainStep:
         ).to(self.device)
         self.part_loss = PartLoss(loss["part_ignore_index"])
         self.attribute_loss = AttributeLoss()
+        self.joint_loss = JointLoss(joint_pairs) if joint_pairs else None
         self.text_embeddings = (
             text_embeddings.to(self.device) if text_embeddings is not None else None
         )
@@ -140,7 +152,7 @@ class PretrainStep:
         return [teacher[n] for n in names], [student[n] for n in names]
 
     def _loss_table(self) -> torch.Tensor:
-        """(n_tasks, 4) per-task weights of the dino, part, attribute and image-text losses."""
+        """(n_tasks, 5) per-task weights of WEIGHTED_TERMS."""
         table = self.config["tasks"]["loss_weights"]
         tasks = self.model.backbone.tasks
         missing = [t for t in tasks if t not in table]
@@ -154,7 +166,7 @@ class PretrainStep:
         task heads: the weights the task losses train in full (see loss.shared_task_grad)."""
         model, backbone = self.model, self.model.backbone
         modules = [*backbone.moe_layers, backbone.prompts, backbone.modulation]
-        modules += [model.part_head, model.attribute_head, model.image_text_head]
+        modules += [model.part_head, model.attribute_head, model.image_text_head, model.joint_head]
         return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
 
     # -- the loop's interface -----------------------------------------------------------------
@@ -191,15 +203,19 @@ class PretrainStep:
             with torch.no_grad():
                 teacher_out = self.teacher(global_crops, task_weights, None, label_heads=False)
             out = self.student(global_crops, task_weights, local_crops)
-        weights = self.loss_table[task]  # (B, 4): WEIGHTED_TERMS
+        weights = self.loss_table[task]  # (B, 5): WEIGHTED_TERMS
         targets = self.dino_loss.teacher_targets(teacher_out["dino_global"], values["teacher_temp"])
         dino = self.dino_loss(out["dino_global"], out["dino_local"], targets, G)
         terms = {"dino": (weights[:, 0] * dino).mean()}
         B = task.shape[0]
-        if out["part_logits"] is not None:
+        if out["part_logits"] is not None or out["joint_logits"] is not None:
             labels = torch.cat(batch["pseudo_parts"][:G]).to(self.device, non_blocking=True)
+        if out["part_logits"] is not None:
             per_crop, _ = self.part_loss(out["part_logits"], labels)
             terms["part"] = (weights[:, 1] * per_crop.view(G, B).mean(0)).mean()
+        if out["joint_logits"] is not None:
+            per_crop, _ = self.joint_loss(out["joint_logits"], labels)
+            terms["joint"] = (weights[:, 4] * per_crop.view(G, B).mean(0)).mean()
         if out["attribute_logits"] is not None:
             soft = batch["pseudo_attributes"].to(self.device, non_blocking=True).repeat(G, 1)
             per_crop, _ = self.attribute_loss(out["attribute_logits"], soft)

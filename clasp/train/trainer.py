@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from clasp.data.collate import collate_samples
+from clasp.losses import part_pairs
 from clasp.model.vit import check_model_config, model_config
 
 from . import distributed
@@ -42,6 +43,11 @@ class Trainer(TrainingLoop):
             world,
             num_parts=len(cache.part_names) if cache is not None else None,
             num_attributes=len(cache.attribute_names) if cache is not None else None,
+            joint_pairs=(
+                part_pairs(cache.part_names)
+                if cache is not None and config["loss"]["joint"]
+                else None
+            ),
             text_embeddings=texts.embeddings if texts is not None else None,
         )
         super().__init__(

@@ -181,3 +181,11 @@ def test_prompt_mix_curve_runs_every_protocol_and_takes_end_points_from_the_matr
         assert again == [-1.0, row[1], -2.0]
     with pytest.raises(ValueError, match="at least 2 points"):
         prompt_mix_curve(bank, loader, synth_set, "reid", "parsing", steps=1)
+    # Known cells of the matrix are taken as they are; the others are run.
+    known = {("pose", "parsing"): -3.0}
+    again = task_prompt_matrix(bank, loader, synth_set, ["reid", "parsing"], known=known)
+    pose = matrix["protocols"].index("pose")
+    assert again["values"][pose] == [matrix["values"][pose][0], -3.0]
+    assert [r for i, r in enumerate(again["values"]) if i != pose] == [
+        r for i, r in enumerate(matrix["values"]) if i != pose
+    ]
