@@ -107,16 +107,19 @@ def run_ablation(
     start = time.perf_counter()
     demo.data_stages()
     os.makedirs(folder, exist_ok=True)
-    stages = Stages(folder, {**demo.settings, "seeds": seed_list, "variants": list(VARIANTS)}, {})
+    # Each run is current while its own pre-training config is: another seed count or a new
+    # variant reuses the runs already made.
+    stages = Stages(folder, {**demo.settings, "seeds": seed_list}, {})
     results: dict = {v: {} for v in VARIANTS}
     for (variant, s), (run_dir, run_config) in runs.items():
         name = f"{variant}-seed{s}"
         result_file = os.path.join(run_dir, "eval.json")
-        stages.run(name, lambda c=run_config: pretrain(c))
+        made_with = {"config": run_config}
+        stages.run(name, lambda c=run_config: pretrain(c), made_with)
         stages.run(f"{name}-eval", lambda d=run_dir, f=result_file, n=name: save_json(
             f, evaluate({n: (os.path.join(d, "checkpoint.pt"), None)}, demo.paths["synth"],
                         d, matrix=False)[n],
-        ))  # fmt: skip
+        ), made_with)  # fmt: skip
         results[variant][s] = read_json(result_file)
     table = aggregate(results)
     text = markdown(table, seed_list)

@@ -36,7 +36,7 @@ from clasp.atomic import TMP_MARK
 from .report import MODEL_NAMES, OUTPUTS, overlay_sheet, read_json, save_json, write_report
 
 # Seconds each stage should take at the default scale on 2 CPU cores (12 minutes in all).
-BUDGET_S = {"synth": 25, "teacher": 100, "label": 20, "clasp": 230, "baseline": 200, "eval": 120}
+BUDGET_S = {"synth": 25, "teacher": 100, "label": 20, "clasp": 200, "baseline": 160, "eval": 200}
 SCALES = {
     "default": {
         "synth": {"ids": 200, "images_per_id": 8, "cameras": 4},

@@ -13,15 +13,18 @@ from clasp.demo.ablation import VARIANTS, aggregate, markdown
 
 def test_tiny_ablation_runs_every_variant_and_seed_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--ablation", "--scale", "tiny", "--seeds", "2", "--out", str(out)]
+    argv = ["demo", "--ablation", "--scale", "tiny", "--out", str(out), "--seeds"]
     threads = torch.get_num_threads()
     try:
-        assert clasp_main(argv) == 0
+        assert clasp_main([*argv, "1"]) == 0
         capsys.readouterr()
-        assert clasp_main(argv) == 0
+        assert clasp_main([*argv, "2"]) == 0  # a second seed reuses the first seed's runs
         second = capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
+    for variant in VARIANTS:
+        assert f"{variant}-seed0: finished by an earlier run" in second
+        assert f"[demo] {variant}-seed1 ..." in second
     summary = json.loads((out / "ablation" / "ablation.json").read_text())
     assert list(summary["table"]) == list(VARIANTS) and summary["seeds"] == [0, 1]
     for variant, row in summary["table"].items():
