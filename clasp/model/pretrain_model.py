@@ -73,12 +73,12 @@ class PretrainModel(nn.Module):
         pooled = tokens[:, 0]
         out["dino_global"] = self.dino_head(pooled)
         out["part_logits"] = out["attribute_logits"] = out["joint_logits"] = None
-        gh, gw = self.backbone.grid_size(*global_crops.shape[2:])
-        patches = tokens[:, prefix:].reshape(tokens.shape[0], gh, gw, -1)
-        if label_heads and self.part_head is not None:
-            out["part_logits"] = self.part_head(patches)
-        if label_heads and self.joint_head is not None:
-            out["joint_logits"] = self.joint_head(patches)
+        patch_heads = {"part_logits": self.part_head, "joint_logits": self.joint_head}
+        patch_heads = {k: h for k, h in patch_heads.items() if label_heads and h is not None}
+        if patch_heads:
+            gh, gw = self.backbone.grid_size(*global_crops.shape[2:])
+            patches = tokens[:, prefix:].reshape(tokens.shape[0], gh, gw, -1)
+            out.update({key: head(patches) for key, head in patch_heads.items()})
         if label_heads and self.attribute_head is not None:
             out["attribute_logits"] = self.attribute_head(pooled)
         out["image_text"] = out["image_text_scale"] = None

@@ -71,7 +71,7 @@ DEFAULTS = {
         # Joints where two body parts meet in the part pseudo-labels (clasp.losses.joint_loss),
         # a spatial softmax per part pair over the patches; 0 = off (no head is built).
         "joint": 0.0,
-        # How much of the gradient of the task losses (part, attribute, image-text) reaches
+        # How much of the gradient of the task losses (part, attribute, image-text, joint) reaches
         # the weights every task shares (patch embedding, attention, dense MLPs, norms):
         # 1 = plain multi-task training; below 1, the rest of it trains only what the prompt
         # selects (the PC-MoE experts and routers, the prompts and their modulation) and the

@@ -33,12 +33,8 @@ from .schedules import Schedules
 log = logging.getLogger("clasp.train")
 
 LOSS_TERMS = ("dino", "part", "attribute", "image_text", "joint", "load_balance", "z_loss")
-TASK_TERMS = (
-    "part",
-    "attribute",
-    "image_text",
-    "joint",
-)  # the losses `loss.shared_task_grad` scales
+# The losses `loss.shared_task_grad` scales.
+TASK_TERMS = ("part", "attribute", "image_text", "joint")
 WEIGHTED_TERMS = ("dino", *TASK_TERMS)  # the columns of tasks.loss_weights
 NO_DECAY_SUFFIXES = (".bias", ".b1", ".b2")
 
@@ -81,7 +77,7 @@ class PretrainStep:
             num_parts=num_parts,
             num_attributes=num_attributes,
             text_dim=text_dim,
-            num_joints=len(joint_pairs) if joint_pairs else None,
+            num_joints=len(joint_pairs) if joint_pairs is not None else None,
         )
         self._init_prompts(model)
         model.to(self.device)
@@ -101,7 +97,7 @@ class PretrainStep:
         ).to(self.device)
         self.part_loss = PartLoss(loss["part_ignore_index"])
         self.attribute_loss = AttributeLoss()
-        self.joint_loss = JointLoss(joint_pairs) if joint_pairs else None
+        self.joint_loss = JointLoss(joint_pairs) if joint_pairs is not None else None
         self.text_embeddings = (
             text_embeddings.to(self.device) if text_embeddings is not None else None
         )

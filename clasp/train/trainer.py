@@ -17,6 +17,19 @@ from .step import LOSS_TERMS, PretrainStep, check_loss_config
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "train"]
 
 
+def joint_pairs(config: dict, cache) -> list[tuple[int, int]] | None:
+    """The part pairs of the joint loss (`loss.joint`) from the label cache's part names."""
+    if cache is None or not config["loss"]["joint"]:
+        return None
+    pairs = part_pairs(cache.part_names)
+    if not pairs:
+        raise ValueError(
+            f"loss.joint needs two or more body parts besides background in the label cache, "
+            f"which has {cache.part_names}; set loss.joint=0 or label with more parts"
+        )
+    return pairs
+
+
 class Trainer(TrainingLoop):
     """Pre-training: the CLASP data and `PretrainStep` in the shared `TrainingLoop`."""
 
@@ -43,11 +56,7 @@ class Trainer(TrainingLoop):
             world,
             num_parts=len(cache.part_names) if cache is not None else None,
             num_attributes=len(cache.attribute_names) if cache is not None else None,
-            joint_pairs=(
-                part_pairs(cache.part_names)
-                if cache is not None and config["loss"]["joint"]
-                else None
-            ),
+            joint_pairs=joint_pairs(config, cache),
             text_embeddings=texts.embeddings if texts is not None else None,
         )
         super().__init__(
