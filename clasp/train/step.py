@@ -229,11 +229,14 @@ class PretrainStep:
             terms["z_loss"] = router_z_loss(out["z_loss"])
         return terms, teacher_out["dino_global"]
 
-    def _backward(self, total: torch.Tensor, task: torch.Tensor | float) -> None:
-        """Gradients of `total`, of which the task losses' part (`task`) reaches the shared
-        weights scaled by loss.shared_task_grad and the task parameters in full."""
+    def _backward(self, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Gradients of `total` (the weighted sum of `terms`), of which the task losses' part
+        reaches the shared weights scaled by loss.shared_task_grad and the task parameters
+        in full."""
         scale = self.shared_task_grad
-        if scale == 1.0 or not torch.is_tensor(task):
+        weights = self.config["loss"]
+        task = sum(weights[n] * terms[n] for n in TASK_TERMS if n in terms) if scale < 1.0 else 0.0
+        if not torch.is_tensor(task):  # plain multi-task training, or no task loss this run
             total.backward()
             return
         torch.autograd.backward((1.0 - scale) * task, inputs=self.task_params, retain_graph=True)
@@ -253,7 +256,7 @@ class PretrainStep:
         terms, teacher_dino = self.compute_losses(batch, values)
         weights = self.config["loss"]
         total = sum(weights[name] * value for name, value in terms.items())
-        self._backward(total, sum(weights[n] * terms[n] for n in TASK_TERMS if n in terms))
+        self._backward(total, terms)
         if step < self.config["optim"]["freeze_last_layer_steps"]:
             for p in self.model.dino_head.last_layer_parameters():
                 p.grad = None

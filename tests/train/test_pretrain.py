@@ -100,12 +100,12 @@ def test_shared_task_grad_keeps_task_gradients_off_the_shared_weights(
         total = sum(weights[k] * v for k, v in terms.items())
         task = sum(weights[k] * terms[k] for k in step_module.TASK_TERMS if k in terms)
         step.optimizer.zero_grad(set_to_none=True)
-        fn(total, task)
+        fn(total, task, terms)
         return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
 
-    routed = gradients(step._backward)
-    full = gradients(lambda total, task: total.backward())
-    rest = gradients(lambda total, task: (total - task).backward())
+    routed = gradients(lambda total, task, terms: step._backward(total, terms))
+    full = gradients(lambda total, task, terms: total.backward())
+    rest = gradients(lambda total, task, terms: (total - task).backward())
     for name, grad in full.items():
         if name in task_names:  # the task losses train the prompt-selected path in full
             torch.testing.assert_close(routed[name], grad)
