@@ -175,12 +175,14 @@ def load_backbone(
     weights: str = "student",
     kernels: str | None = None,
     device: str | torch.device = "cpu",
+    checkpoint: dict | None = None,
 ) -> ClaspViT:
     """A backbone in eval mode from an exported safetensors file or a training checkpoint.
 
     task: default task of `extract` (a name or {name: weight} mix); None keeps the one
     stored at export, else "generic". weights: from a checkpoint, "student" or the EMA
     "teacher". kernels: override the MoE kernel backend ("auto", "triton", "reference").
+    checkpoint: the training checkpoint at path when the caller has read it already.
     Every way a file can fail to load is a FileNotFoundError or a `CheckpointError` naming
     the file, what is wrong and what to do (see `read_checkpoint`, `read_export`).
     """
@@ -197,7 +199,7 @@ def load_backbone(
         )
         what = "the model config stored with them"
     else:
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
         if not isinstance(checkpoint.get("model"), dict) or "config" not in checkpoint:
             raise CheckpointError(
                 f"{path} is neither a clasp export nor a clasp training checkpoint (it has "
@@ -274,10 +276,13 @@ def is_safetensors(path: str) -> bool:
     return path.endswith(".safetensors")
 
 
-def read_head(path: str, name: str, *, weights: str = "student") -> dict[str, torch.Tensor] | None:
+def read_head(
+    path: str, name: str, *, weights: str = "student", checkpoint: dict | None = None
+) -> dict[str, torch.Tensor] | None:
     """The state dict of the pre-training head `name` (e.g. "image_text") kept in an export
     (`heads.<name>.*`) or a training checkpoint (the model's `<name>_head.*`; `weights`: the
-    "student" or the EMA "teacher"); None when the file has no such head."""
+    "student" or the EMA "teacher"; `checkpoint`: its content when already read); None when
+    the file has no such head."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no backbone file at {path}")
     if is_safetensors(path):
@@ -286,19 +291,20 @@ def read_head(path: str, name: str, *, weights: str = "student") -> dict[str, to
             keys = [k for k in f.keys() if k.startswith(prefix)]
             state = {k.removeprefix(prefix): f.get_tensor(k) for k in keys}
     else:
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
         source = checkpoint.get("model" if weights == "student" else "teacher") or {}
         prefix = f"{name}_head."
         state = {k.removeprefix(prefix): v for k, v in source.items() if k.startswith(prefix)}
     return state or None
 
 
-def read_metadata(path: str) -> dict:
+def read_metadata(path: str, checkpoint: dict | None = None) -> dict:
     """The metadata of an export (`save_backbone`'s, JSON-decoded: "config" is the model
-    config), or of a training checkpoint {"training_config": its full training config}."""
+    config), or of a training checkpoint {"training_config": its full training config};
+    `checkpoint`: the training checkpoint's content when already read."""
     if is_safetensors(path):
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
         return {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     return {"training_config": checkpoint.get("config", {})}

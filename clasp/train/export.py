@@ -50,18 +50,25 @@ def main(args: argparse.Namespace) -> int:
     # A missing, damaged or mismatched checkpoint, or an output that cannot be written,
     # raises; `clasp.cli` says it in one line.
     from clasp.model import ImageTextHead, load_backbone, save_backbone
-    from clasp.model.io import read_head, read_metadata
+    from clasp.model.io import is_safetensors, read_checkpoint, read_head, read_metadata
 
     from .captions import text_teacher_source
 
     task = parse_task(args.task)
-    backbone = load_backbone(args.checkpoint, task, weights=args.weights)
-    head = read_head(args.checkpoint, "image_text", weights=args.weights)
+    path = args.checkpoint
+    # A training checkpoint is read once for the backbone, its head and its config.
+    read = (
+        {}
+        if not os.path.isfile(path) or is_safetensors(path)
+        else {"checkpoint": read_checkpoint(path)}
+    )
+    backbone = load_backbone(path, task, weights=args.weights, **read)
+    head = read_head(path, "image_text", weights=args.weights, **read)
     metadata = {"source": args.checkpoint, "weights": args.weights}
     heads = {}
     if head is not None:
         heads["image_text"] = ImageTextHead.from_state_dict(head)
-        name, pretrained = text_teacher_source(read_metadata(args.checkpoint)["training_config"])
+        name, pretrained = text_teacher_source(read_metadata(path, **read)["training_config"])
         metadata["text_teacher"] = {"teacher": name, "pretrained": pretrained}
     parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(parent):

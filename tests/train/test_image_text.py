@@ -84,7 +84,7 @@ def test_image_text_loss_falls_on_a_tiny_run(tmp_path_factory, text_teacher, see
 
 
 def test_kill_and_resume_is_bit_exact_with_image_text_alignment(
-    synth_root, label_cache, text_teacher, synth_set, tmp_path, capsys
+    synth_root, label_cache, text_teacher, synth_set, tmp_path, capsys, monkeypatch
 ):
     def config(name):
         c = tiny_config(
@@ -121,7 +121,12 @@ def test_kill_and_resume_is_bit_exact_with_image_text_alignment(
     # The export keeps the head and the text tower's name; the backbone loads as before.
     checkpoint = str(tmp_path / "killed" / "checkpoint.pt")
     out = str(tmp_path / "student.safetensors")
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
     assert clasp_main(["export", "--checkpoint", checkpoint, "--out", out]) == 0
+    assert reads == [checkpoint]  # read once for the backbone, its head and its config
+    monkeypatch.undo()
     head = read_head(out, "image_text")
     for name, tensor in read_head(checkpoint, "image_text").items():
         assert torch.equal(head[name], tensor), name
