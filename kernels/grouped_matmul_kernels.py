@@ -105,6 +105,54 @@ def _swizzle(M, N, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
     return pid_m, pid_n
 
 
+@triton.jit
+def _expert_tile_gemm(
+    a_ptr,
+    a_rows,
+    stride_am,
+    stride_ak,
+    w_ptr,
+    expert,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    cols,
+    row_mask,
+    col_mask,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The K loop of one (BLOCK_M, BLOCK_N) tile: A[a_rows] @ W[expert][:, cols] accumulated
+    in fp32 (a_rows: int64 row indexes of A; masked rows and columns read as 0). The loop
+    does nothing but the GEMM; the callers' epilogues follow it."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
+    w_ptrs = (
+        w_ptr
+        + expert.to(tl.int64) * stride_we
+        + ks[:, None] * stride_wk
+        + cols[None, :] * stride_wn
+    )
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+        else:
+            k_mask = ks < K - k0
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
 @triton.autotune(
     configs=GEMM_CONFIGS,
     key=["N", "K", "GATHER", "SCATTER", "HAS_BIAS", "ACTIVATION", "STORE_PRE", "GATE"],
@@ -179,26 +227,11 @@ def _grouped_mm_kernel(
         a_rows = (slots // top_k).to(tl.int64)
     else:
         a_rows = rows.to(tl.int64)
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
-    w_ptrs = (
-        w_ptr
-        + expert.to(tl.int64) * stride_we
-        + ks[:, None] * stride_wk
-        + cols[None, :] * stride_wn
-    )
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
-        else:
-            k_mask = ks < K - k0
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _expert_tile_gemm(
+        a_ptr, a_rows, stride_am, stride_ak, w_ptr, expert, stride_we, stride_wk, stride_wn,
+        cols, row_mask, col_mask, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_DTYPE,
+        DOT_PRECISION,
+    )  # fmt: skip
 
     gate = tl.zeros((BLOCK_M,), tl.float32)
     if GATE:

@@ -15,6 +15,7 @@ from .grouped_matmul_kernels import (
     _activation,
     _activation_grad,
     _column_halves,
+    _expert_tile_gemm,
     _swizzle,
     _tile_segment,
 )
@@ -235,26 +236,11 @@ def _grouped_mm_act_bwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
 
-    ks = tl.arange(0, BLOCK_K)
-    dy_ptrs = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym + ks[None, :] * stride_dyk
-    w_ptrs = (
-        w_ptr
-        + expert.to(tl.int64) * stride_we
-        + ks[:, None] * stride_wk
-        + cols[None, :] * stride_wn
-    )
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            dy = tl.load(dy_ptrs, mask=row_mask[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
-        else:
-            k_mask = ks < K - k0
-            dy = tl.load(dy_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-        dy_ptrs += BLOCK_K * stride_dyk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _expert_tile_gemm(
+        dy_ptr, rows.to(tl.int64), stride_dym, stride_dyk, w_ptr, expert, stride_we,
+        stride_wk, stride_wn, cols, row_mask, col_mask, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+        DOT_DTYPE, DOT_PRECISION,
+    )  # fmt: skip
 
     slots = tl.load(slots_ptr + rows, mask=row_mask, other=0)
     gate = tl.load(gate_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
