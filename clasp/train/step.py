@@ -199,28 +199,29 @@ class PretrainStep:
             with torch.no_grad():
                 teacher_out = self.teacher(global_crops, task_weights, None, label_heads=False)
             out = self.student(global_crops, task_weights, local_crops)
-        weights = self.loss_table[task]  # (B, 5): WEIGHTED_TERMS
+        # Each sample's weight of each loss, by its task: {term: (B,)}.
+        weights = dict(zip(WEIGHTED_TERMS, self.loss_table[task].unbind(1), strict=True))
         targets = self.dino_loss.teacher_targets(teacher_out["dino_global"], values["teacher_temp"])
         dino = self.dino_loss(out["dino_global"], out["dino_local"], targets, G)
-        terms = {"dino": (weights[:, 0] * dino).mean()}
+        terms = {"dino": (weights["dino"] * dino).mean()}
         B = task.shape[0]
         if out["part_logits"] is not None or out["joint_logits"] is not None:
             labels = torch.cat(batch["pseudo_parts"][:G]).to(self.device, non_blocking=True)
         if out["part_logits"] is not None:
             per_crop, _ = self.part_loss(out["part_logits"], labels)
-            terms["part"] = (weights[:, 1] * per_crop.view(G, B).mean(0)).mean()
+            terms["part"] = (weights["part"] * per_crop.view(G, B).mean(0)).mean()
         if out["joint_logits"] is not None:
             per_crop, _ = self.joint_loss(out["joint_logits"], labels)
-            terms["joint"] = (weights[:, 4] * per_crop.view(G, B).mean(0)).mean()
+            terms["joint"] = (weights["joint"] * per_crop.view(G, B).mean(0)).mean()
         if out["attribute_logits"] is not None:
             soft = batch["pseudo_attributes"].to(self.device, non_blocking=True).repeat(G, 1)
             per_crop, _ = self.attribute_loss(out["attribute_logits"], soft)
-            terms["attribute"] = (weights[:, 2] * per_crop.view(G, B).mean(0)).mean()
+            terms["attribute"] = (weights["attribute"] * per_crop.view(G, B).mean(0)).mean()
         if out["image_text"] is not None:
             ids = batch["caption_id"].to(self.device, non_blocking=True)
             texts = self.text_embeddings[ids.clamp(min=0)]
             per_crop = [
-                image_text_loss(image, texts, out["image_text_scale"], ids, weights[:, 3])
+                image_text_loss(image, texts, out["image_text_scale"], ids, weights["image_text"])
                 for image in out["image_text"].chunk(G)
             ]
             terms["image_text"] = torch.stack(per_crop).mean()
